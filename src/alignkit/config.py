@@ -1,0 +1,188 @@
+"""Typed configs, one per recipe, loaded from YAML plus `key.sub=value` overrides, with clear errors.
+
+Every field carries its default and unit in its docstring; `alignkit train sft --help` prints them.
+Relative paths are taken relative to the working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from alignkit.errors import ConfigError
+
+
+class Strict(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class LoraSettings(Strict):
+    enabled: bool = True
+    """Train LoRA adapters (true) or every weight of the model (false)."""
+    r: int = Field(8, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator: the update is (alpha / r) * B A."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    """Names of the linear layers that get adapters."""
+
+
+class SFTData(Strict):
+    train: Path
+    """JSONL file of {"prompt","completion"} or {"messages":[...]} records."""
+    eval: Path | None = None
+    """Optional held-out JSONL file in the same format, for eval loss."""
+    max_length: int = Field(512, ge=8)
+    """Tokens per example; longer examples are cut from the right."""
+
+
+class SFTConfig(Strict):
+    model: str = "embedded"
+    """'embedded', a Hugging Face model directory, an adapter directory or a .gguf file."""
+    data: SFTData
+    """Training and eval data."""
+    output_dir: Path = Path("runs")
+    """Parent directory of run directories."""
+    run_name: str | None = None
+    """Run directory name under output_dir; default sft-<date>-<time>."""
+    lora: LoraSettings = LoraSettings()
+    """LoRA settings; lora.enabled=false means full fine-tuning."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping threshold (L2 norm)."""
+    micro_batch_size: int = Field(4, ge=1)
+    """Examples per forward pass, per process."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step, per process; global batch = micro_batch_size * grad_accum * processes."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data; ignored when max_steps is set."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to run; overrides epochs."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    """Learning-rate decay after warm-up."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between eval-loss passes; 0 means only at the end."""
+    save_every: int = Field(50, ge=1)
+    """Steps between checkpoints (a checkpoint is also written at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many of the newest checkpoints to keep."""
+    seed: int = 0
+    """Seed for data order, initialisation and dropout."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """'auto' uses CUDA when present, else the CPU."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """'auto' is bfloat16 on CUDA and float32 on the CPU."""
+
+
+def field_help(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per config key: dotted name, default and description (for --help)."""
+    lines = []
+    for name, info in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(field_help(ann, f"{key}."))
+            continue
+        default = "required" if info.is_required() else f"default {info.default!r}"
+        lines.append(f"{key} ({default}): {info.description or ''}")
+    return lines
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, f"{key}.")
+
+    walk(yaml.compose(text), "")
+    return lines
+
+
+def _set_dotted(raw: dict, key: str, value) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(cls: type[Strict], path: Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None):
+    """Build a `cls` from an optional YAML file (or a `base` dict) and `key.sub=value` overrides.
+
+    Raises ConfigError naming the file, line and field of every problem.
+    """
+    raw: dict = dict(base or {})
+    lines: dict[str, int] = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+            lines = _key_lines(text) if loaded else {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{at}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        raw.update(loaded)
+    overridden = set()
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key=value (for example lora.r=16)")
+        try:
+            parsed = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed)
+        overridden.add(key.strip())
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if key in overridden:
+                place = "override"
+            else:
+                line = lines.get(key) or lines.get(key.rsplit(".", 1)[0])
+                place = f"{where}:{line}" if line else where
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err['input']!r})"
+            problems.append(f"{place}: {key}: {msg}{got}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def dump_config(cfg: BaseModel, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from alignkit.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

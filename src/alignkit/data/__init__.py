@@ -1,0 +1,1 @@
+"""Data: formats, validation and tokenisation for each recipe, plus small shipped example sets."""

@@ -1,0 +1,1 @@
+"""Losses and estimators: small pure functions of tensors, each citing its equation."""

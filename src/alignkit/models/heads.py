@@ -1,0 +1,70 @@
+"""A scalar head (value or reward) on a causal-LM backbone, saved and loaded with safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from alignkit.io import atomic_dir
+from alignkit.models.loading import load_model
+
+HEAD_FILE = "scalar_head.safetensors"
+
+
+class ScalarHeadModel(nn.Module):
+    """Backbone hidden states -> one scalar per token (`forward`) or per sequence (`score`).
+
+    The backbone is the causal LM's decoder (no vocabulary projection is computed); it may carry a
+    LoRA adapter, so a value head and a policy can share one set of base weights.
+    """
+
+    def __init__(self, causal_lm, head: nn.Linear | None = None):
+        super().__init__()
+        self.causal_lm = causal_lm
+        hidden = causal_lm.config.hidden_size
+        if head is None:
+            head = nn.Linear(hidden, 1)
+            # Small init so initial scores are near zero and do not swamp the first updates.
+            nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+        param = next(causal_lm.parameters())
+        self.head = head.to(device=param.device, dtype=torch.float32)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token scalars, shape (B, T)."""
+        decoder = self.causal_lm.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return self.head(hidden.float()).squeeze(-1)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The scalar at each sequence's last real token (left or right padding), shape (B,)."""
+        values = self(input_ids, attention_mask)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(dim=1)
+        return values.gather(1, last[:, None]).squeeze(1)
+
+    def save_pretrained(self, out_dir: Path, tokenizer) -> Path:
+        """Backbone (adapter or full weights) plus the head in safetensors, atomically."""
+        from alignkit.models.lora import write_model
+
+        out_dir = Path(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            write_model(self.causal_lm, tokenizer, tmp, {"head": {"hidden_size": self.head.in_features}})
+            state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+            save_file(state, tmp / HEAD_FILE)
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, path: Path, *, device: str = "auto", dtype: str = "auto",
+                        trainable_adapter: bool = False):
+        """Load (ScalarHeadModel, tokenizer) saved by `save_pretrained`."""
+        path = Path(path)
+        causal_lm, tokenizer = load_model(str(path), device=device, dtype=dtype,
+                                          trainable_adapter=trainable_adapter)
+        state = load_file(path / HEAD_FILE)
+        head = nn.Linear(state["weight"].shape[1], 1)
+        head.load_state_dict(state)
+        return cls(causal_lm, head), tokenizer

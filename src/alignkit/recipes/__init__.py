@@ -1,0 +1,1 @@
+"""Recipes: one file per training method, read top to bottom (setup -> train -> evaluate -> save)."""

@@ -1,0 +1,209 @@
+"""Supervised fine-tuning (LoRA or full) on prompt/completion or chat data, with exact resume.
+
+    alignkit train sft --config configs/sft.yaml [key=value ...] [--resume RUN_DIR]
+    torchrun --nproc_per_node 2 -m alignkit.cli train sft ...      # two CPU processes (gloo)
+
+Setup -> train -> evaluate -> save, top to bottom. The global batch of each optimizer step is fixed
+by (seed, step) alone and split evenly over processes and accumulation micro-batches; the loss is
+normalised by the labelled-token count of the whole global batch. So 1 process x 2 accumulation
+steps and 2 processes x 1 step make the same update, and a resumed run repeats the lost steps
+exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
+from alignkit.config import SFTConfig, dump_config
+from alignkit.data.sft import IGNORE, Example, build_examples, collate
+from alignkit.errors import AlignkitError
+from alignkit.io import JsonlLog, truncate_jsonl_after
+from alignkit.losses.sft import sft_loss_sum
+from alignkit.models import attach_lora, load_model, resolve_device, save_model
+from alignkit.runs import CONFIG_FILE, METRICS_FILE, new_run_dir
+
+log = logging.getLogger(__name__)
+
+
+def global_batch(step: int, n_examples: int, global_size: int, steps_per_epoch: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: a fresh permutation per epoch, seeded by seed + epoch."""
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[k * global_size:(k + 1) * global_size].tolist()
+
+
+def my_micro_batches(indices: list[int], micro: int, accum: int, rank: int) -> list[list[int]]:
+    """This process's `accum` micro-batches of the global batch (process r takes chunks r*accum ...)."""
+    chunks = [indices[i:i + micro] for i in range(0, len(indices), micro)]
+    return chunks[rank * accum:(rank + 1) * accum]
+
+
+def count_labels(examples: list[Example], indices: list[int]) -> int:
+    # Labels are shifted by one in the loss, so the first token can never be a target.
+    return sum(sum(l != IGNORE for l in examples[i].labels[1:]) for i in indices)
+
+
+def evaluate(model, examples: list[Example], pad_id: int, micro: int, accelerator) -> float:
+    """Mean completion-token loss over `examples`, split across processes."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    with torch.no_grad():
+        for start in range(0, len(mine), micro):
+            batch = {k: v.to(accelerator.device) for k, v in
+                     collate([examples[i] for i in mine[start:start + micro]], pad_id).items()}
+            with accelerator.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            s, c = sft_loss_sum(logits, batch["labels"])
+            total += torch.stack([s.double(), c.double()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def main(cfg: SFTConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
+    """Run SFT; returns the run directory (config.yaml, metrics.jsonl, checkpoints/, final/)."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, gather_object
+    from transformers import get_scheduler
+
+    # ---- setup ---------------------------------------------------------------------------------
+    device = resolve_device(cfg.device)
+    use_bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if use_bf16 else "no")
+    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    torch.manual_seed(cfg.seed)
+
+    # Every process must agree on the run directory, so the main process picks it.
+    run_dir = [None]
+    if main_proc:
+        run_dir[0] = str(resume) if resume else str(new_run_dir(cfg.output_dir, cfg.run_name, "sft", overwrite))
+    run_dir = Path(broadcast_object_list(run_dir)[0])
+    ckpt_parent = run_dir / "checkpoints"
+    if main_proc and not resume:
+        dump_config(cfg, run_dir / CONFIG_FILE)
+
+    # Weights train in float32; on CUDA bf16 autocast does the matmuls.
+    model, tokenizer = load_model(cfg.model, device=accelerator.device, dtype="float32",
+                                  trainable_adapter=cfg.lora.enabled)
+    if cfg.lora.enabled and not hasattr(model, "peft_config"):
+        model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                            target_modules=cfg.lora.target_modules)
+    elif not cfg.lora.enabled:
+        if hasattr(model, "peft_config"):
+            raise AlignkitError(f"model '{cfg.model}' is an adapter; full fine-tuning needs a full model "
+                                "(merge it first: alignkit models merge)")
+        model.requires_grad_(True)
+    model.train()
+
+    train, notes = build_examples(tokenizer, cfg.data.train, cfg.data.max_length)
+    evals = build_examples(tokenizer, cfg.data.eval, cfg.data.max_length)[0] if cfg.data.eval else []
+    for note in notes:
+        log.warning(note)
+    global_size = cfg.micro_batch_size * cfg.grad_accum * world
+    steps_per_epoch = len(train) // global_size
+    if steps_per_epoch == 0:
+        raise AlignkitError(f"{cfg.data.train}: {len(train)} examples, fewer than one global batch of "
+                            f"{global_size} (micro_batch_size x grad_accum x processes)")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched_name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad_id = tokenizer.pad_token_id
+
+    start_step = 0
+    checkpoints = list_checkpoints(ckpt_parent)
+    if resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1], model=accelerator.unwrap_model(model),
+                                optimizer=optimizer, scheduler=scheduler, rank=rank)
+        start_step = state["step"]
+    if main_proc:
+        truncate_jsonl_after(run_dir / METRICS_FILE, start_step)
+    metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
+
+    n_train = sum(p.numel() for p in params)
+    n_all = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    if main_proc:
+        mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full fine-tuning"
+        print(f"sft: model {cfg.model} ({n_all / 1e6:.1f}M params, {mode}: {n_train / 1e6:.2f}M trainable) | "
+              f"{len(train)} train / {len(evals)} eval examples | global batch {global_size} "
+              f"({world} process(es)) | {total_steps} steps | run dir {run_dir}"
+              + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
+
+    # ---- train ---------------------------------------------------------------------------------
+    def checkpoint(step: int) -> None:
+        rngs = gather_object([rng_state()])
+        if main_proc:
+            save_checkpoint(ckpt_parent / f"step-{step:06d}", model=accelerator.unwrap_model(model),
+                            optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
+                            state={"step": step, "total_steps": total_steps, "world_size": world},
+                            keep=cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    t0 = time.time()
+    if evals and start_step == 0:
+        eval_before = round(evaluate(model, evals, pad_id, cfg.micro_batch_size, accelerator), 6)
+        if main_proc:
+            metrics.write({"step": 0, "eval_loss": eval_before})
+    bar = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not main_proc, unit="step")
+    for step in range(start_step, total_steps):
+        indices = global_batch(step, len(train), global_size, steps_per_epoch, cfg.seed)
+        n_tokens = count_labels(train, indices)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        micro_batches = my_micro_batches(indices, cfg.micro_batch_size, cfg.grad_accum, rank)
+        for j, micro in enumerate(micro_batches):
+            batch = {k: v.to(accelerator.device) for k, v in collate([train[i] for i in micro], pad_id).items()}
+            # DDP averages gradients over processes; multiplying by `world` turns that into a sum,
+            # and dividing by the global token count makes it the global-batch mean.
+            sync = j == len(micro_batches) - 1
+            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                s, _ = sft_loss_sum(logits, batch["labels"])
+                accelerator.backward(s * world / max(n_tokens, 1))
+            loss_sum += s.detach().double()
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = (accelerator.reduce(loss_sum, reduction="sum") / max(n_tokens, 1)).item()
+        done = step + 1
+        record = {"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                  "tokens": n_tokens, "elapsed_s": round(time.time() - t0, 3)}
+        if evals and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+            record["eval_loss"] = round(evaluate(model, evals, pad_id, cfg.micro_batch_size, accelerator), 6)
+        if main_proc:
+            metrics.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.update(1)
+        if done % cfg.save_every == 0 or done == total_steps:
+            checkpoint(done)
+    bar.close()
+
+    # ---- evaluate and save -----------------------------------------------------------------------
+    summary = {"steps": total_steps, "final_train_loss": loss if total_steps > start_step else None}
+    if evals:
+        summary["eval_loss"] = round(evaluate(model, evals, pad_id, cfg.micro_batch_size, accelerator), 6)
+        if main_proc:
+            metrics.write({"step": total_steps, "eval_loss": summary["eval_loss"]})
+    if main_proc:
+        save_model(accelerator.unwrap_model(model), tokenizer, run_dir / "final")
+        metrics.close()
+        print(f"sft: done in {time.time() - t0:.1f}s | " + " | ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+              + f" | model saved to {run_dir / 'final'}", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir

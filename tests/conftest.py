@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny Llama built from a config and a BPE tokenizer trained on the spot.
+
+The tiny model keeps the suite fast; a few smoke tests use the embedded SmolLM2 instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "alignkit" / "data" / "examples"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_model(out: Path, seed: int = 0, layers: int = 2) -> Path:
+    """Save a 2-layer Llama with a 300-token BPE vocabulary (trained here) to `out`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = []
+    for f in EXAMPLES.glob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            corpus.extend([rec.get("prompt", ""), rec.get("completion", "")])
+            corpus.extend(m["content"] for m in rec.get("messages", []))
+    corpus += ["The quick brown fox jumps over the lazy dog.", "user", "assistant", "system"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                     bos_token="<|im_start|>", eos_token="<|im_end|>")
+    hf_tok.chat_template = CHATML
+    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                         pad_token_id=hf_tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """(model, tokenizer) of the tiny model, loaded once; tests must not modify it."""
+    from alignkit.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture()
+def sft_file(tmp_path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text((EXAMPLES / "shop_sft.jsonl").read_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    """Factory for extra tiny models: make_tiny_model(path, seed=..., layers=...)."""
+    return build_tiny_model

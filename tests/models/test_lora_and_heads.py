@@ -1,0 +1,76 @@
+"""LoRA merge parity (W + (alpha/r) B A), adapter save/load, and the scalar head."""
+
+import torch
+
+from alignkit.models import ScalarHeadModel, attach_lora, load_model, merge_lora, save_model
+
+
+def randomize_lora_b(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapter do something
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+
+
+def test_merged_lora_equals_base_plus_ba(tiny_model_dir):
+    base, tok = load_model(str(tiny_model_dir), device="cpu")
+    q0 = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    randomize_lora_b(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    expected = q0 + (8 / 4) * B @ A
+    ids = tok(["Where is my order?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    merged = merge_lora(model)
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_adapter_save_and_load_round_trip(tiny_model_dir, tmp_path):
+    base, tok = load_model(str(tiny_model_dir), device="cpu")
+    model = attach_lora(base, r=4, alpha=8, dropout=0.0)
+    randomize_lora_b(model, seed=1)
+    save_model(model, tok, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()  # only the adapter is stored
+    loaded, _ = load_model(str(tmp_path / "adapter"), device="cpu")
+    ids = tok(["Refund please"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        # and the adapter really changes the output
+        with loaded.disable_adapter():
+            assert not torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_scalar_head_scores_last_real_token_with_any_padding(tiny):
+    model, tok = tiny
+    head_model = ScalarHeadModel(model)
+    a = tok("Where is my order?")["input_ids"]
+    b = tok("Hi")["input_ids"]
+    pad = tok.pad_token_id
+    with torch.no_grad():
+        alone = [head_model(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))[0, -1] for x in (a, b)]
+        width = len(a)
+        right = torch.tensor([a, b + [pad] * (width - len(b))])
+        right_mask = torch.tensor([[1] * len(a), [1] * len(b) + [0] * (width - len(b))])
+        left = torch.tensor([a, [pad] * (width - len(b)) + b])
+        left_mask = torch.tensor([[1] * len(a), [0] * (width - len(b)) + [1] * len(b)])
+        for ids, mask in ((right, right_mask), (left, left_mask)):
+            torch.testing.assert_close(head_model.score(ids, mask), torch.stack(alone), atol=1e-5, rtol=1e-4)
+
+
+def test_scalar_head_save_load_round_trip(tiny_model_dir, tmp_path):
+    base, tok = load_model(str(tiny_model_dir), device="cpu")
+    model = ScalarHeadModel(attach_lora(base, r=4, alpha=8, dropout=0.0))
+    randomize_lora_b(model.causal_lm, seed=2)
+    torch.nn.init.normal_(model.head.weight)
+    model.save_pretrained(tmp_path / "rm", tok)
+    loaded, _ = ScalarHeadModel.from_pretrained(tmp_path / "rm", device="cpu")
+    ids = tok(["Where is my order?", "Hi there friend"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(ids["input_ids"], ids["attention_mask"]),
+                                   model.score(ids["input_ids"], ids["attention_mask"]))
