@@ -82,15 +82,6 @@ def main(cfg: SFTConfig, *, resume: Path | None = None, overwrite: bool = False)
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     torch.manual_seed(cfg.seed)
 
-    # Every process must agree on the run directory, so the main process picks it.
-    run_dir = [None]
-    if main_proc:
-        run_dir[0] = str(resume) if resume else str(new_run_dir(cfg.output_dir, cfg.run_name, "sft", overwrite))
-    run_dir = Path(broadcast_object_list(run_dir)[0])
-    ckpt_parent = run_dir / "checkpoints"
-    if main_proc and not resume:
-        dump_config(cfg, run_dir / CONFIG_FILE)
-
     # Weights train in float32; on CUDA bf16 autocast does the matmuls.
     model, tokenizer = load_model(cfg.model, device=accelerator.device, dtype="float32",
                                   trainable_adapter=cfg.lora.enabled)
@@ -114,6 +105,16 @@ def main(cfg: SFTConfig, *, resume: Path | None = None, overwrite: bool = False)
         raise AlignkitError(f"{cfg.data.train}: {len(train)} examples, fewer than one global batch of "
                             f"{global_size} (micro_batch_size x grad_accum x processes)")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+
+    # The run directory is made only once model and data are known good, and every process must
+    # agree on it, so the main process picks it.
+    run_dir = [None]
+    if main_proc:
+        run_dir[0] = str(resume) if resume else str(new_run_dir(cfg.output_dir, cfg.run_name, "sft", overwrite))
+    run_dir = Path(broadcast_object_list(run_dir)[0])
+    ckpt_parent = run_dir / "checkpoints"
+    if main_proc and not resume:
+        dump_config(cfg, run_dir / CONFIG_FILE)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
