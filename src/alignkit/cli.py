@@ -30,7 +30,9 @@ app = typer.Typer(
 train_app = typer.Typer(help="Train a model: sft (more recipes arrive as they land).", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and convert models.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+sandbox_app = typer.Typer(help="Run untrusted Python behind an OS boundary (bubblewrap).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(sandbox_app, name="sandbox")
 
 MODEL_HELP = ("'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "
               "directory saved by alignkit (e.g. runs/NAME/final), or a .gguf file")
@@ -184,6 +186,23 @@ def train_sft(
         config = resume_config_path(resume)
     cfg = load_config(SFTConfig, config, overrides)
     sft.main(cfg, resume=resume, overwrite=overwrite)
+
+
+@sandbox_app.command("run")
+def sandbox_run(
+    timeout: float = typer.Option(5.0, help="Wall-clock limit in seconds."),
+    memory_mb: int = typer.Option(256, help="Address-space limit per process, in MiB."),
+    unsafe_no_sandbox: bool = typer.Option(False, help="Trusted code only: run without the OS boundary."),
+):
+    """Run Python code read on stdin in the sandbox; print {"ok","stdout","stderr","result","error","limit"}.
+
+    The code's `answer` variable comes back as "result". No network, a private /tmp, a read-only
+    file system without the home or project directories, and CPU, memory, process and output limits.
+    Example: echo 'answer = 17 * 23' | alignkit sandbox run
+    """
+    from alignkit.apps.agents.sandbox import cli_run
+
+    raise typer.Exit(cli_run(timeout=timeout, memory_mb=memory_mb, unsafe_no_sandbox=unsafe_no_sandbox))
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Applications built on alignkit models: agents and the tools they use."""

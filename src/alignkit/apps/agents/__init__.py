@@ -1,0 +1,1 @@
+"""Agents that act through tools, and the sandbox their generated code runs in."""
