@@ -132,7 +132,9 @@ def test_two_processes_equal_one_with_same_global_batch(tmp_path, tiny_model_dir
     r1 = cli("train", "sft", "--config", str(one))
     assert r1.returncode == 0, r1.stderr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    # accelerate's --multi_gpu means "start the processes with torchrun"; on CPUs they use gloo.
+    r2 = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                          "-m", "alignkit.cli", "train", "sft", "--config", str(two)],
                         env=env, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]

@@ -97,7 +97,7 @@ def main(cfg: SFTConfig, *, resume: Path | None = None, overwrite: bool = False)
 
     train, notes = build_examples(tokenizer, cfg.data.train, cfg.data.max_length)
     evals = build_examples(tokenizer, cfg.data.eval, cfg.data.max_length)[0] if cfg.data.eval else []
-    for note in notes:
+    for note in notes if main_proc else []:
         log.warning(note)
     global_size = cfg.micro_batch_size * cfg.grad_accum * world
     steps_per_epoch = len(train) // global_size
