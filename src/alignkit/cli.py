@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import typer
 
+from alignkit.config import RewardConfig, SFTConfig, field_help
 from alignkit.errors import AlignkitError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model loads from local files
@@ -27,11 +28,16 @@ app = typer.Typer(
          "default model), then `alignkit train sft --config configs/sft.yaml`.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]})
-train_app = typer.Typer(help="Train a model: sft (more recipes arrive as they land).", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: sft, reward.", no_args_is_help=True)
+prefs_app = typer.Typer(help="Preference data: sample candidates, validate, rankings -> pairs, AI judging.",
+                        no_args_is_help=True)
+reward_app = typer.Typer(help="Use a trained reward model.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and convert models.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 sandbox_app = typer.Typer(help="Run untrusted Python behind an OS boundary (bubblewrap).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(prefs_app, name="prefs")
+app.add_typer(reward_app, name="reward")
 app.add_typer(sandbox_app, name="sandbox")
 
 MODEL_HELP = ("'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "
@@ -158,25 +164,12 @@ def models_merge(
     print(f"merged {adapter} into {out}")
 
 
-def _sft_epilog() -> str:
-    from alignkit.config import SFTConfig, field_help
-
-    return "Config keys (set in the YAML file or as key=value):\n\n" + "\n\n".join(field_help(SFTConfig))
+def _epilog(cls) -> str:
+    return "Config keys (set in the YAML file or as key=value):\n\n" + "\n\n".join(field_help(cls))
 
 
-@train_app.command("sft", epilog=_sft_epilog())
-def train_sft(
-    overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. lora.r=16 max_steps=20"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
-    resume: Optional[Path] = typer.Option(None, help="Continue a run directory from its newest checkpoint."),
-    overwrite: bool = typer.Option(False, help="Delete an existing run directory of the same name first."),
-):
-    """Supervised fine-tuning (LoRA or full) on {"prompt","completion"} or {"messages"} JSONL.
-
-    Example: alignkit train sft --config configs/sft.yaml max_steps=20 run_name=try1
-    """
-    from alignkit.config import SFTConfig, load_config
-    from alignkit.recipes import sft
+def _train(cls, recipe_main, config, overrides, resume, overwrite):
+    from alignkit.config import load_config
     from alignkit.runs import resume_config_path
 
     if resume is not None:
@@ -184,8 +177,179 @@ def train_sft(
             raise AlignkitError("--resume takes the config saved in the run directory; drop --config "
                                 "(key=value overrides still apply)")
         config = resume_config_path(resume)
-    cfg = load_config(SFTConfig, config, overrides)
-    sft.main(cfg, resume=resume, overwrite=overwrite)
+    recipe_main(load_config(cls, config, overrides), resume=resume, overwrite=overwrite)
+
+
+OVERRIDES_HELP = "key.sub=value overrides, e.g. lora.r=16 max_steps=20"
+CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config file.")
+RESUME_OPT = typer.Option(None, help="Continue a run directory from its newest checkpoint.")
+OVERWRITE_OPT = typer.Option(False, help="Delete an existing run directory of the same name first.")
+
+
+@train_app.command("sft", epilog=_epilog(SFTConfig))
+def train_sft(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: Optional[Path] = CONFIG_OPT, resume: Optional[Path] = RESUME_OPT, overwrite: bool = OVERWRITE_OPT,
+):
+    """Supervised fine-tuning (LoRA or full) on {"prompt","completion"} or {"messages"} JSONL.
+
+    Example: alignkit train sft --config configs/sft.yaml max_steps=20 run_name=try1
+    """
+    from alignkit.recipes import sft
+
+    _train(SFTConfig, sft.main, config, overrides, resume, overwrite)
+
+
+@train_app.command("reward", epilog=_epilog(RewardConfig))
+def train_reward(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: Optional[Path] = CONFIG_OPT, resume: Optional[Path] = RESUME_OPT, overwrite: bool = OVERWRITE_OPT,
+):
+    """Pairwise reward model (Bradley-Terry, optional margin and centering) on pairs JSONL.
+
+    Example: alignkit train reward --config configs/reward.yaml run_name=rm1
+    """
+    from alignkit.recipes import reward
+
+    _train(RewardConfig, reward.main, config, overrides, resume, overwrite)
+
+
+def _reward_dir(model: Path) -> Path:
+    """Accept a run directory (uses its final/) or a saved reward-model directory."""
+    from alignkit.models.heads import HEAD_FILE
+
+    for cand in (model, model / "final"):
+        if (cand / HEAD_FILE).is_file():
+            return cand
+    raise AlignkitError(f"{model}: not a reward model (no {HEAD_FILE} in it or in its final/)")
+
+
+@reward_app.command("score")
+def reward_score(
+    model: Path = typer.Option(..., "--model", "-m", help="Reward run directory or its final/ directory."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt to score a completion for."),
+    completion: Optional[str] = typer.Option(None, help="Completion to score."),
+    file: Optional[Path] = typer.Option(None, help="JSONL of {prompt, completion} or pairs {prompt, chosen, rejected}."),
+    out: Optional[Path] = typer.Option(None, help="With --file: write records plus scores here (default: stdout)."),
+    batch_size: int = typer.Option(16, help="Sequences per forward pass."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+):
+    """Score completions with a trained reward model: one (--prompt, --completion) or a whole --file.
+
+    Example: alignkit reward score -m runs/rm1 --prompt "Where is my order?" --completion "Not my problem."
+    """
+    from alignkit.io import read_jsonl, write_jsonl
+    from alignkit.models import ScalarHeadModel
+
+    if (prompt is None) != (completion is None) or (file is None) == (prompt is None):
+        raise AlignkitError("give either --prompt and --completion, or --file")
+    rm, tok = ScalarHeadModel.from_pretrained(_reward_dir(model), device=device)
+    if file is None:
+        print(f"{rm.score_texts(tok, [prompt], [completion])[0]:.6f}")
+        return
+    records = [rec for _, rec in read_jsonl(file)]
+    problems = [f"line {i + 1}: needs 'prompt' and 'completion', or 'prompt', 'chosen' and 'rejected'"
+                for i, r in enumerate(records) if "prompt" not in r or not ({"completion"} <= r.keys()
+                                                                            or {"chosen", "rejected"} <= r.keys())]
+    if problems:
+        from alignkit.errors import DataError
+
+        raise DataError(file, problems)
+    jobs = [(i, key) for i, r in enumerate(records) for key in ("completion", "chosen", "rejected") if key in r]
+    scores = rm.score_texts(tok, [records[i]["prompt"] for i, _ in jobs], [records[i][k] for i, k in jobs],
+                            batch_size=batch_size, progress=True)
+    for (i, key), s in zip(jobs, scores):
+        records[i]["reward" if key == "completion" else f"reward_{key}"] = round(s, 6)
+    if out is None:
+        for r in records:
+            print(json.dumps(r, ensure_ascii=False))
+    else:
+        write_jsonl(out, records)
+        pairs = [r for r in records if "reward_chosen" in r]
+        acc = f"; chosen scored higher in {sum(r['reward_chosen'] > r['reward_rejected'] for r in pairs)}/{len(pairs)} pairs" if pairs else ""
+        print(f"scored {len(scores)} completions into {out}{acc}")
+
+
+@prefs_app.command("validate")
+def prefs_validate(file: Path = typer.Argument(..., help="A pairs or rankings JSONL file.")):
+    """List every problem in a pairs or rankings file with its line number; exit 1 if any."""
+    from alignkit.data.prefs import validate
+
+    fmt, valid, problems = validate(file)
+    for p in problems:
+        print(f"{file}:{p.removeprefix('line ')}" if p.startswith("line ") else f"{file}: {p}")
+    print(f"{file}: {fmt}, {len(valid)} valid record(s), {len(problems)} problem(s)")
+    raise typer.Exit(1 if problems else 0)
+
+
+@prefs_app.command("from-rankings")
+def prefs_from_rankings(
+    rankings: Path = typer.Argument(..., help="Rankings JSONL (ranks with ties and \"F\")."),
+    out: Path = typer.Argument(..., help="Pairs JSONL to write."),
+):
+    """Turn rankings into pairs: strict orderings give pairs, ties none, F loses to every non-F.
+
+    Several labelers on one item are aggregated by majority, and their agreement is reported.
+    """
+    from alignkit.data.prefs import rankings_to_pairs, validate
+    from alignkit.errors import DataError
+    from alignkit.io import write_jsonl
+
+    _, valid, problems = validate(rankings, "rankings")
+    if problems:
+        raise DataError(rankings, problems)
+    conv = rankings_to_pairs(valid)
+    write_jsonl(out, conv.pairs)
+    print(f"{conv.items_in} ranked item line(s) in, {len(conv.pairs)} pair(s) out to {out}")
+    for reason in conv.skipped:
+        print(f"  skipped {reason}")
+    if conv.agreement:
+        a = conv.agreement
+        print(f"agreement over {a['items']} item(s) with 2+ labelers ({a['units']} completion pairs): "
+              f"{a['percent_agreement']:.1%} pairwise, Krippendorff's alpha {a['krippendorff_alpha']:.3f}")
+
+
+@prefs_app.command("sample")
+def prefs_sample(
+    prompts: Path = typer.Option(..., help="Prompts: JSONL with a 'prompt' field, or one per line."),
+    out: Path = typer.Option(..., help="Rankings JSONL to write, with empty ranks, ready to label."),
+    model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP),
+    n: int = typer.Option(4, help="Completions per prompt."),
+    max_new_tokens: int = typer.Option(96, help="Most tokens per completion."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature."),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling threshold."),
+    seed: int = typer.Option(0, help="Seed for repeatable samples."),
+    batch_size: int = typer.Option(8, help="Sequences generated at once."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+):
+    """Sample n completions per prompt into a rankings file for labeling."""
+    from tqdm.auto import tqdm
+
+    from alignkit.data.prompts import load_prompts
+    from alignkit.io import write_jsonl
+    from alignkit.models import generate as gen, load_model
+
+    if n < 2:
+        raise AlignkitError("--n must be at least 2: a ranking needs two completions")
+    items = load_prompts(prompts)
+    m, tok = load_model(model, device=device)
+    flat = [p for p in items for _ in range(n)]
+    texts: list[str] = []
+    for start in tqdm(range(0, len(flat), batch_size), desc="sampling", unit="batch"):
+        texts += gen(m, tok, flat[start:start + batch_size], max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_p=top_p, seed=seed + start).texts
+    records, skipped = [], []
+    for i, p in enumerate(items):
+        comps = texts[i * n:(i + 1) * n]
+        if sum(1 for c in comps if c.strip()) < 2:
+            skipped.append(f"prompt {i + 1}: fewer than 2 non-empty completions")
+            continue
+        records.append({"prompt": p, "completions": [c for c in comps if c.strip()], "ranks": [],
+                        "labeler": None, "model": model})
+    write_jsonl(out, records)
+    print(f"wrote {len(records)} prompt(s) with up to {n} completions each to {out}")
+    for reason in skipped:
+        print(f"  skipped {reason}")
 
 
 @sandbox_app.command("run")

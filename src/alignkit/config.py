@@ -42,15 +42,15 @@ class SFTData(Strict):
     """Tokens per example; longer examples are cut from the right."""
 
 
-class SFTConfig(Strict):
+class TrainSettings(Strict):
+    """Settings every training recipe shares; each recipe's config adds its own."""
+
     model: str = "embedded"
     """'embedded', a Hugging Face model directory, an adapter directory or a .gguf file."""
-    data: SFTData
-    """Training and eval data."""
     output_dir: Path = Path("runs")
     """Parent directory of run directories."""
     run_name: str | None = None
-    """Run directory name under output_dir; default sft-<date>-<time>."""
+    """Run directory name under output_dir; default <recipe>-<date>-<time>."""
     lora: LoraSettings = LoraSettings()
     """LoRA settings; lora.enabled=false means full fine-tuning."""
     learning_rate: float = Field(2e-4, gt=0)
@@ -72,7 +72,7 @@ class SFTConfig(Strict):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     """Learning-rate decay after warm-up."""
     eval_every: int = Field(0, ge=0)
-    """Steps between eval-loss passes; 0 means only at the end."""
+    """Steps between evaluations; 0 means only before and after training."""
     save_every: int = Field(50, ge=1)
     """Steps between checkpoints (a checkpoint is also written at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
@@ -82,7 +82,30 @@ class SFTConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' uses CUDA when present, else the CPU."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """'auto' is bfloat16 on CUDA and float32 on the CPU."""
+    """'auto' is bfloat16 autocast on CUDA and float32 on the CPU."""
+
+
+class SFTConfig(TrainSettings):
+    data: SFTData
+    """Training and eval data."""
+
+
+class RewardData(Strict):
+    train: Path
+    """Pairs JSONL: {"prompt","chosen","rejected","margin"?}."""
+    eval: Path | None = None
+    """Optional held-out pairs, for accuracy and loss."""
+    max_length: int = Field(512, ge=8)
+    """Tokens per prompt+completion; longer ones keep their last max_length tokens."""
+
+
+class RewardConfig(TrainSettings):
+    data: RewardData
+    """Training and eval pairs."""
+    center_coef: float = Field(0.0, ge=0)
+    """Weight of the reward-centering term mean((r_chosen + r_rejected)^2); 0 turns it off."""
+    use_margin: bool = True
+    """Subtract a pair's "margin" field inside the Bradley-Terry loss when present."""
 
 
 def field_help(cls: type[BaseModel], prefix: str = "") -> list[str]:

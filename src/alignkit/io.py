@@ -50,10 +50,10 @@ def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
         os.replace(tmp, path)
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """Read a JSONL file into (line number, object) pairs; blank lines are allowed.
+def scan_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """Read a JSONL file into (line number, object) pairs plus a problem for every bad line.
 
-    Every line that is not a JSON object is reported, all at once, in one DataError.
+    Blank lines are allowed. A file that cannot be read at all raises DataError.
     """
     path = Path(path)
     try:
@@ -77,11 +77,24 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
             problems.append(f"line {lineno}: expected a JSON object, got {type(obj).__name__}")
             continue
         rows.append((lineno, obj))
+    if not rows and not problems:
+        problems.append("no records (the file is empty)")
+    return rows, problems
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """Like scan_jsonl, but every bad line is reported, all at once, in one DataError."""
+    rows, problems = scan_jsonl(path)
     if problems:
         raise DataError(path, problems)
-    if not rows:
-        raise DataError(path, ["no records (the file is empty)"])
     return rows
+
+
+def write_jsonl(path: Path, records) -> int:
+    """Write records as JSONL atomically; returns how many."""
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    atomic_write_text(path, "".join(lines))
+    return len(lines)
 
 
 class JsonlLog:

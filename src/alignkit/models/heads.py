@@ -33,18 +33,38 @@ class ScalarHeadModel(nn.Module):
         param = next(causal_lm.parameters())
         self.head = head.to(device=param.device, dtype=torch.float32)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token scalars, shape (B, T)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = True) -> torch.Tensor:
+        """Per-token scalars (B, T), or with per_token=False the scalar at each sequence's last real
+        token (B,), for left or right padding. (One entry point, so DDP-wrapped training works.)"""
         decoder = self.causal_lm.get_decoder()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        return self.head(hidden.float()).squeeze(-1)
-
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The scalar at each sequence's last real token (left or right padding), shape (B,)."""
-        values = self(input_ids, attention_mask)
+        values = self.head(hidden.float()).squeeze(-1)  # (B, T)
+        if per_token:
+            return values
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask * positions).argmax(dim=1)
         return values.gather(1, last[:, None]).squeeze(1)
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The scalar at each sequence's last real token, shape (B,)."""
+        return self(input_ids, attention_mask, per_token=False)
+
+    @torch.no_grad()
+    def score_texts(self, tokenizer, prompts: list[str], completions: list[str], *, batch_size: int = 16,
+                    max_length: int = 512, progress: bool = False) -> list[float]:
+        """Score (prompt, completion) pairs as a policy would produce them (chat template + EOS)."""
+        from tqdm.auto import tqdm
+
+        from alignkit.data.prefs import encode_response
+        from alignkit.models.generation import left_pad
+
+        device = next(self.parameters()).device
+        seqs = [encode_response(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for start in tqdm(range(0, len(seqs), batch_size), desc="scoring", disable=not progress, unit="batch"):
+            ids, mask = left_pad(seqs[start:start + batch_size], tokenizer.pad_token_id, device)
+            scores.extend(self.score(ids, mask).float().cpu().tolist())
+        return scores
 
     def save_pretrained(self, out_dir: Path, tokenizer) -> Path:
         """Backbone (adapter or full weights) plus the head in safetensors, atomically."""

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from alignkit.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
 from alignkit.config import SFTConfig, dump_config
+from alignkit.data.batching import global_batch, my_micro_batches
 from alignkit.data.sft import IGNORE, Example, build_examples, collate
 from alignkit.errors import AlignkitError
 from alignkit.io import JsonlLog, truncate_jsonl_after
@@ -31,19 +32,6 @@ from alignkit.models import attach_lora, load_model, resolve_device, save_model
 from alignkit.runs import CONFIG_FILE, METRICS_FILE, new_run_dir
 
 log = logging.getLogger(__name__)
-
-
-def global_batch(step: int, n_examples: int, global_size: int, steps_per_epoch: int, seed: int) -> list[int]:
-    """Example indices of optimizer step `step`: a fresh permutation per epoch, seeded by seed + epoch."""
-    epoch, k = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
-    return perm[k * global_size:(k + 1) * global_size].tolist()
-
-
-def my_micro_batches(indices: list[int], micro: int, accum: int, rank: int) -> list[list[int]]:
-    """This process's `accum` micro-batches of the global batch (process r takes chunks r*accum ...)."""
-    chunks = [indices[i:i + micro] for i in range(0, len(indices), micro)]
-    return chunks[rank * accum:(rank + 1) * accum]
 
 
 def count_labels(examples: list[Example], indices: list[int]) -> int:

@@ -1,0 +1,38 @@
+"""Pairwise reward-model losses: Bradley-Terry with an optional margin, and reward centering."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair -log sigmoid(r_chosen - r_rejected - margin), shape (B,).
+
+    Bradley-Terry preference model as used for reward models in Ouyang et al. 2022 (InstructGPT),
+    eq. 1; the margin term follows Touvron et al. 2023 (Llama 2), eq. 2.
+    """
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+def reward_centering(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair (r_chosen + r_rejected)^2, shape (B,): pulls rewards toward zero mean.
+
+    The auxiliary centering loss of Eisenstein et al. 2023 ("Helping or Herding?"), section 3.
+    """
+    return (r_chosen + r_rejected) ** 2
+
+
+def pairwise_reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                         center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Mean Bradley-Terry loss plus center_coef x mean centering term, with accuracy and margin stats."""
+    loss = bradley_terry_loss(r_chosen, r_rejected, margin).mean()
+    if center_coef:
+        loss = loss + center_coef * reward_centering(r_chosen, r_rejected).mean()
+    stats = {"accuracy": (r_chosen > r_rejected).float().mean().item(),
+             "reward_margin": (r_chosen - r_rejected).mean().item()}
+    return loss, stats

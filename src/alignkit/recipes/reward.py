@@ -1,0 +1,196 @@
+"""Reward model: a causal-LM backbone (LoRA or full) with a scalar head, trained on preference pairs.
+
+    alignkit train reward --config configs/reward.yaml [key=value ...] [--resume RUN_DIR]
+
+Setup -> train -> evaluate -> save, top to bottom, like the SFT recipe: the global batch of each
+step is fixed by (seed, step), the loss is a mean over the pairs of the whole global batch, and a
+checkpoint (trainable weights including the head, optimizer, scheduler, RNG, step) resumes exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
+from alignkit.config import RewardConfig, dump_config
+from alignkit.data.batching import global_batch, my_micro_batches
+from alignkit.data.prefs import encode_response, load_pairs
+from alignkit.errors import AlignkitError
+from alignkit.io import JsonlLog, truncate_jsonl_after
+from alignkit.losses.reward import bradley_terry_loss, reward_centering
+from alignkit.models import ScalarHeadModel, attach_lora, load_model, resolve_device
+from alignkit.models.generation import left_pad
+from alignkit.runs import CONFIG_FILE, METRICS_FILE, new_run_dir
+
+log = logging.getLogger(__name__)
+
+
+def encode_pairs(tokenizer, pairs: list[dict], max_length: int, use_margin: bool) -> list[dict]:
+    return [{"chosen": encode_response(tokenizer, p["prompt"], p["chosen"], max_length),
+             "rejected": encode_response(tokenizer, p["prompt"], p["rejected"], max_length),
+             "margin": float(p.get("margin") or 0.0) if use_margin else 0.0} for p in pairs]
+
+
+def pair_scores(model, batch: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen and rejected, each (B,), from one forward pass over all 2B sequences."""
+    ids, mask = left_pad([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad_id, device)
+    scores = model(ids, mask, per_token=False)
+    return scores[:len(batch)], scores[len(batch):]
+
+
+def evaluate(model, pairs: list[dict], pad_id: int, micro: int, center_coef: float, accelerator) -> dict:
+    """Held-out loss, accuracy and mean margin, split across processes."""
+    model.eval()
+    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, correct, margin, n
+    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    with torch.no_grad():
+        for start in range(0, len(mine), micro):
+            batch = [pairs[i] for i in mine[start:start + micro]]
+            with accelerator.autocast():
+                rc, rr = pair_scores(model, batch, pad_id, accelerator.device)
+            margin = torch.tensor([b["margin"] for b in batch], device=rc.device)
+            loss = bradley_terry_loss(rc, rr, margin) + center_coef * reward_centering(rc, rr)
+            total += torch.stack([loss.sum().double(), (rc > rr).sum().double(), (rc - rr).sum().double(),
+                                  torch.tensor(float(len(batch)), dtype=torch.float64, device=rc.device)])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    n = total[3].clamp(min=1)
+    return {"eval_loss": round((total[0] / n).item(), 6), "eval_accuracy": round((total[1] / n).item(), 6),
+            "eval_margin": round((total[2] / n).item(), 6)}
+
+
+def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
+    """Train a reward model; returns the run directory (final/ loads with ScalarHeadModel.from_pretrained)."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, gather_object
+    from transformers import get_scheduler
+
+    # ---- setup ---------------------------------------------------------------------------------
+    device = resolve_device(cfg.device)
+    use_bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if use_bf16 else "no")
+    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    torch.manual_seed(cfg.seed)
+
+    backbone, tokenizer = load_model(cfg.model, device=accelerator.device, dtype="float32",
+                                     trainable_adapter=cfg.lora.enabled)
+    if cfg.lora.enabled and not hasattr(backbone, "peft_config"):
+        backbone = attach_lora(backbone, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                               target_modules=cfg.lora.target_modules)
+    elif not cfg.lora.enabled:
+        if hasattr(backbone, "peft_config"):
+            raise AlignkitError(f"model '{cfg.model}' is an adapter; full fine-tuning needs a full model")
+        backbone.requires_grad_(True)
+    model = ScalarHeadModel(backbone)  # the head is always trained
+    model.train()
+
+    train = encode_pairs(tokenizer, load_pairs(cfg.data.train), cfg.data.max_length, cfg.use_margin)
+    evals = (encode_pairs(tokenizer, load_pairs(cfg.data.eval), cfg.data.max_length, cfg.use_margin)
+             if cfg.data.eval else [])
+    global_size = cfg.micro_batch_size * cfg.grad_accum * world
+    steps_per_epoch = len(train) // global_size
+    if steps_per_epoch == 0:
+        raise AlignkitError(f"{cfg.data.train}: {len(train)} pairs, fewer than one global batch of {global_size}")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+
+    run_dir = [None]
+    if main_proc:
+        run_dir[0] = str(resume) if resume else str(new_run_dir(cfg.output_dir, cfg.run_name, "reward", overwrite))
+    run_dir = Path(broadcast_object_list(run_dir)[0])
+    ckpt_parent = run_dir / "checkpoints"
+    if main_proc and not resume:
+        dump_config(cfg, run_dir / CONFIG_FILE)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched_name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad_id = tokenizer.pad_token_id
+
+    start_step = 0
+    checkpoints = list_checkpoints(ckpt_parent)
+    if resume and checkpoints:
+        start_step = load_checkpoint(checkpoints[-1], model=accelerator.unwrap_model(model),
+                                     optimizer=optimizer, scheduler=scheduler, rank=rank)["step"]
+    if main_proc:
+        truncate_jsonl_after(run_dir / METRICS_FILE, start_step)
+        n_train = sum(p.numel() for p in params)
+        mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full fine-tuning"
+        print(f"reward: model {cfg.model} ({mode} + scalar head: {n_train / 1e6:.2f}M trainable) | "
+              f"{len(train)} train / {len(evals)} eval pairs | global batch {global_size} ({world} process(es)) | "
+              f"{total_steps} steps | run dir {run_dir}"
+              + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
+    metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
+
+    def run_eval() -> dict:
+        return evaluate(model, evals, pad_id, cfg.micro_batch_size, cfg.center_coef, accelerator)
+
+    # ---- train ---------------------------------------------------------------------------------
+    t0 = time.time()
+    if evals and start_step == 0:
+        before = run_eval()
+        if main_proc:
+            metrics.write({"step": 0, **before})
+    bar = tqdm(total=total_steps, initial=start_step, desc="reward", disable=not main_proc, unit="step")
+    for step in range(start_step, total_steps):
+        indices = global_batch(step, len(train), global_size, steps_per_epoch, cfg.seed)
+        sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, margin
+        micro_batches = my_micro_batches(indices, cfg.micro_batch_size, cfg.grad_accum, rank)
+        for j, micro in enumerate(micro_batches):
+            batch = [train[i] for i in micro]
+            sync = j == len(micro_batches) - 1
+            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                rc, rr = pair_scores(model, batch, pad_id, accelerator.device)
+                margin = torch.tensor([b["margin"] for b in batch], device=rc.device)
+                per_pair = bradley_terry_loss(rc, rr, margin) + cfg.center_coef * reward_centering(rc, rr)
+                # Mean over the global batch: DDP averages over processes, so scale by `world`.
+                accelerator.backward(per_pair.sum() * world / len(indices))
+            sums += torch.stack([per_pair.detach().sum().double(), (rc > rr).sum().double(),
+                                 (rc - rr).detach().sum().double()])
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = accelerator.reduce(sums, reduction="sum") / len(indices)
+        done = step + 1
+        record = {"step": done, "loss": round(sums[0].item(), 6), "accuracy": round(sums[1].item(), 6),
+                  "reward_margin": round(sums[2].item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                  "elapsed_s": round(time.time() - t0, 3)}
+        if evals and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+            record.update(run_eval())
+        if main_proc:
+            metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+        bar.update(1)
+        if done % cfg.save_every == 0 or done == total_steps:
+            rngs = gather_object([rng_state()])
+            if main_proc:
+                save_checkpoint(ckpt_parent / f"step-{done:06d}", model=accelerator.unwrap_model(model),
+                                optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
+                                state={"step": done, "total_steps": total_steps, "world_size": world},
+                                keep=cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    # ---- evaluate and save -----------------------------------------------------------------------
+    summary = run_eval() if evals else {}
+    if main_proc:
+        if evals:
+            metrics.write({"step": total_steps, **summary})
+        accelerator.unwrap_model(model).save_pretrained(run_dir / "final", tokenizer)
+        metrics.close()
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in summary.items())
+        print(f"reward: done in {time.time() - t0:.1f}s | {shown} | model saved to {run_dir / 'final'}", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir

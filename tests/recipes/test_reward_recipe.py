@@ -1,0 +1,105 @@
+"""Reward-model recipe: learns a held-out preference, and resumes exactly from a checkpoint."""
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from alignkit.config import RewardConfig, load_config
+from alignkit.models import ScalarHeadModel
+from alignkit.recipes import reward
+
+POLITE = ["Happy to help!", "Thanks for asking!", "Great question!", "Of course!", "Sure, glad to help.",
+          "Thank you for waiting."]
+RUDE = ["Stop bothering me.", "Ugh, whatever.", "Not my problem.", "Figure it out.", "Go away.", "Ask someone else."]
+ANSWERS = ["Returns are free within 30 days.", "Your order ships tomorrow.", "Refunds take two days.",
+           "Use the Track package button.", "We accept cards and PayPal.", "Gift wrap costs three dollars.",
+           "Open Orders and click Cancel.", "The jacket is back next week."]
+PROMPTS = ["Can I return shoes?", "Where is my order?", "When is my refund?", "How do I track it?",
+           "How can I pay?", "Do you wrap gifts?", "Can I cancel?", "Is the jacket in stock?",
+           "Help with my order", "Question about returns", "Shipping question", "I need help"]
+
+
+def synthetic_pairs(rng, prompts, answers, n):
+    """Chosen and rejected share the answer and differ only in a polite or rude opening, so
+    neither length nor content gives the preference away."""
+    out, seen = [], set()
+    while len(out) < n:
+        answer = rng.choice(answers)
+        pair = (rng.choice(prompts), f"{rng.choice(POLITE)} {answer}", f"{rng.choice(RUDE)} {answer}")
+        if pair not in seen:  # the validator rightly refuses duplicates
+            seen.add(pair)
+            out.append(dict(zip(("prompt", "chosen", "rejected"), pair)))
+    return out
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+@pytest.fixture()
+def pair_files(tmp_path):
+    rng = random.Random(0)
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(rng, PROMPTS[:8], ANSWERS[:6], 96))
+    # Held out: prompts and answers never seen in training.
+    held = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(rng, PROMPTS[8:], ANSWERS[6:], 40))
+    return train, held
+
+
+def config(tmp_path, model_dir, train, held, **over):
+    cfg = {"model": str(model_dir), "data": {"train": str(train), "eval": str(held), "max_length": 64},
+           "output_dir": str(tmp_path / "runs"), "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+           "learning_rate": 3e-3, "micro_batch_size": 8, "max_steps": 36, "save_every": 12,
+           "keep_checkpoints": 5, "device": "cpu", "seed": 0, "lr_scheduler": "constant"}
+    cfg.update(over)
+    path = tmp_path / "reward.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(RewardConfig, path)
+
+
+def test_reward_model_reaches_held_out_accuracy(tmp_path, tiny_model_dir, pair_files):
+    run_dir = reward.main(config(tmp_path, tiny_model_dir, *pair_files, run_name="rm"))
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    before, after = records[0], records[-1]
+    assert before["step"] == 0 and after["step"] == 36
+    assert after["eval_accuracy"] >= 0.9, after
+    assert after["eval_loss"] < before["eval_loss"]
+    # The saved model gives the same held-out ranking when loaded back.
+    model, tok = ScalarHeadModel.from_pretrained(run_dir / "final", device="cpu")
+    from alignkit.data.prefs import encode_response
+    from alignkit.models.generation import left_pad
+
+    held = [json.loads(l) for l in pair_files[1].read_text().splitlines()]
+    seqs = [encode_response(tok, p["prompt"], p["chosen"], 64) for p in held] + \
+           [encode_response(tok, p["prompt"], p["rejected"], 64) for p in held]
+    ids, mask = left_pad(seqs, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        s = model.score(ids, mask)
+    acc = (s[:len(held)] > s[len(held):]).float().mean().item()
+    assert acc == pytest.approx(after["eval_accuracy"])
+
+
+def test_resume_from_checkpoint_repeats_the_run(tmp_path, tiny_model_dir, pair_files):
+    full = reward.main(config(tmp_path, tiny_model_dir, *pair_files, run_name="full", max_steps=6,
+                              save_every=3, lora={"r": 4, "alpha": 8, "dropout": 0.1}))
+    # A run that died after step 3: its config, its step-3 checkpoint and metrics up to step 3.
+    cut = tmp_path / "runs" / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "config.yaml", cut / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "step-000003", cut / "checkpoints" / "step-000003")
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n{\"step\": 4, \"lo")  # torn last line
+    cfg = load_config(RewardConfig, cut / "config.yaml")
+    reward.main(cfg, resume=cut)
+    assert (cut / "metrics.jsonl").read_text() .count("\n") == len(lines)
+    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"} for l in ls]
+    assert strip((cut / "metrics.jsonl").read_text().splitlines()) == strip(lines)
+    a = load_file(full / "checkpoints" / "step-000006" / "trainable.safetensors")
+    b = load_file(cut / "checkpoints" / "step-000006" / "trainable.safetensors")
+    assert set(a) == set(b) and any(k.startswith("head.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
