@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
-from alignkit.config import RewardConfig, dump_config
+from alignkit.config import RewardConfig
 from alignkit.data.batching import global_batch, my_micro_batches
 from alignkit.data.prefs import encode_response, load_pairs
 from alignkit.errors import AlignkitError
-from alignkit.io import JsonlLog, truncate_jsonl_after
+from alignkit.io import JsonlLog
 from alignkit.losses.reward import bradley_terry_loss, reward_centering
-from alignkit.models import ScalarHeadModel, attach_lora, load_model, resolve_device
+from alignkit.models import ScalarHeadModel
 from alignkit.models.generation import left_pad
-from alignkit.runs import CONFIG_FILE, METRICS_FILE, new_run_dir
+from alignkit.runs import METRICS_FILE
+from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
+                               resume_state)
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +69,11 @@ def evaluate(model, pairs: list[dict], pad_id: int, micro: int, center_coef: flo
 
 def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
     """Train a reward model; returns the run directory (final/ loads with ScalarHeadModel.from_pretrained)."""
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, gather_object
-    from transformers import get_scheduler
-
     # ---- setup ---------------------------------------------------------------------------------
-    device = resolve_device(cfg.device)
-    use_bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if use_bf16 else "no")
+    accelerator = make_accelerator(cfg)
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     torch.manual_seed(cfg.seed)
-
-    backbone, tokenizer = load_model(cfg.model, device=accelerator.device, dtype="float32",
-                                     trainable_adapter=cfg.lora.enabled)
-    if cfg.lora.enabled and not hasattr(backbone, "peft_config"):
-        backbone = attach_lora(backbone, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                               target_modules=cfg.lora.target_modules)
-    elif not cfg.lora.enabled:
-        if hasattr(backbone, "peft_config"):
-            raise AlignkitError(f"model '{cfg.model}' is an adapter; full fine-tuning needs a full model")
-        backbone.requires_grad_(True)
+    backbone, tokenizer = load_trainable(cfg, accelerator.device)
     model = ScalarHeadModel(backbone)  # the head is always trained
     model.train()
 
@@ -100,29 +86,13 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
         raise AlignkitError(f"{cfg.data.train}: {len(train)} pairs, fewer than one global batch of {global_size}")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
-    run_dir = [None]
-    if main_proc:
-        run_dir[0] = str(resume) if resume else str(new_run_dir(cfg.output_dir, cfg.run_name, "reward", overwrite))
-    run_dir = Path(broadcast_object_list(run_dir)[0])
-    ckpt_parent = run_dir / "checkpoints"
-    if main_proc and not resume:
-        dump_config(cfg, run_dir / CONFIG_FILE)
-
+    run_dir = open_run_dir(cfg, "reward", resume, overwrite, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched_name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
-    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     pad_id = tokenizer.pad_token_id
-
-    start_step = 0
-    checkpoints = list_checkpoints(ckpt_parent)
-    if resume and checkpoints:
-        start_step = load_checkpoint(checkpoints[-1], model=accelerator.unwrap_model(model),
-                                     optimizer=optimizer, scheduler=scheduler, rank=rank)["step"]
+    start_step = resume_state(run_dir, resume, model, optimizer, scheduler, accelerator)
     if main_proc:
-        truncate_jsonl_after(run_dir / METRICS_FILE, start_step)
         n_train = sum(p.numel() for p in params)
         mode = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full fine-tuning"
         print(f"reward: model {cfg.model} ({mode} + scalar head: {n_train / 1e6:.2f}M trainable) | "
@@ -173,13 +143,7 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
         bar.update(1)
         if done % cfg.save_every == 0 or done == total_steps:
-            rngs = gather_object([rng_state()])
-            if main_proc:
-                save_checkpoint(ckpt_parent / f"step-{done:06d}", model=accelerator.unwrap_model(model),
-                                optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
-                                state={"step": done, "total_steps": total_steps, "world_size": world},
-                                keep=cfg.keep_checkpoints)
-            accelerator.wait_for_everyone()
+            checkpoint(run_dir, done, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints)
     bar.close()
 
     # ---- evaluate and save -----------------------------------------------------------------------

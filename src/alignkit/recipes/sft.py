@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
-from alignkit.config import SFTConfig, dump_config
+from alignkit.config import SFTConfig
 from alignkit.data.batching import global_batch, my_micro_batches
 from alignkit.data.sft import IGNORE, Example, build_examples, collate
 from alignkit.errors import AlignkitError
-from alignkit.io import JsonlLog, truncate_jsonl_after
+from alignkit.io import JsonlLog
 from alignkit.losses.sft import sft_loss_sum
-from alignkit.models import attach_lora, load_model, resolve_device, save_model
-from alignkit.runs import CONFIG_FILE, METRICS_FILE, new_run_dir
+from alignkit.models import save_model
+from alignkit.runs import METRICS_FILE
+from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
+                               resume_state)
 
 log = logging.getLogger(__name__)
 
@@ -59,29 +60,11 @@ def evaluate(model, examples: list[Example], pad_id: int, micro: int, accelerato
 
 def main(cfg: SFTConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
     """Run SFT; returns the run directory (config.yaml, metrics.jsonl, checkpoints/, final/)."""
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list, gather_object
-    from transformers import get_scheduler
-
     # ---- setup ---------------------------------------------------------------------------------
-    device = resolve_device(cfg.device)
-    use_bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if use_bf16 else "no")
+    accelerator = make_accelerator(cfg)
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     torch.manual_seed(cfg.seed)
-
-    # Weights train in float32; on CUDA bf16 autocast does the matmuls.
-    model, tokenizer = load_model(cfg.model, device=accelerator.device, dtype="float32",
-                                  trainable_adapter=cfg.lora.enabled)
-    if cfg.lora.enabled and not hasattr(model, "peft_config"):
-        model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                            target_modules=cfg.lora.target_modules)
-    elif not cfg.lora.enabled:
-        if hasattr(model, "peft_config"):
-            raise AlignkitError(f"model '{cfg.model}' is an adapter; full fine-tuning needs a full model "
-                                "(merge it first: alignkit models merge)")
-        model.requires_grad_(True)
-    model.train()
+    model, tokenizer = load_trainable(cfg, accelerator.device)
 
     train, notes = build_examples(tokenizer, cfg.data.train, cfg.data.max_length)
     evals = build_examples(tokenizer, cfg.data.eval, cfg.data.max_length)[0] if cfg.data.eval else []
@@ -94,32 +77,13 @@ def main(cfg: SFTConfig, *, resume: Path | None = None, overwrite: bool = False)
                             f"{global_size} (micro_batch_size x grad_accum x processes)")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
-    # The run directory is made only once model and data are known good, and every process must
-    # agree on it, so the main process picks it.
-    run_dir = [None]
-    if main_proc:
-        run_dir[0] = str(resume) if resume else str(new_run_dir(cfg.output_dir, cfg.run_name, "sft", overwrite))
-    run_dir = Path(broadcast_object_list(run_dir)[0])
-    ckpt_parent = run_dir / "checkpoints"
-    if main_proc and not resume:
-        dump_config(cfg, run_dir / CONFIG_FILE)
-
+    # The run directory is made only once model and data are known good.
+    run_dir = open_run_dir(cfg, "sft", resume, overwrite, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched_name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
-    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_steps)
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     pad_id = tokenizer.pad_token_id
-
-    start_step = 0
-    checkpoints = list_checkpoints(ckpt_parent)
-    if resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], model=accelerator.unwrap_model(model),
-                                optimizer=optimizer, scheduler=scheduler, rank=rank)
-        start_step = state["step"]
-    if main_proc:
-        truncate_jsonl_after(run_dir / METRICS_FILE, start_step)
+    start_step = resume_state(run_dir, resume, model, optimizer, scheduler, accelerator)
     metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
 
     n_train = sum(p.numel() for p in params)
@@ -132,15 +96,6 @@ def main(cfg: SFTConfig, *, resume: Path | None = None, overwrite: bool = False)
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
 
     # ---- train ---------------------------------------------------------------------------------
-    def checkpoint(step: int) -> None:
-        rngs = gather_object([rng_state()])
-        if main_proc:
-            save_checkpoint(ckpt_parent / f"step-{step:06d}", model=accelerator.unwrap_model(model),
-                            optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
-                            state={"step": step, "total_steps": total_steps, "world_size": world},
-                            keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-
     t0 = time.time()
     if evals and start_step == 0:
         eval_before = round(evaluate(model, evals, pad_id, cfg.micro_batch_size, accelerator), 6)
@@ -178,7 +133,8 @@ def main(cfg: SFTConfig, *, resume: Path | None = None, overwrite: bool = False)
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update(1)
         if done % cfg.save_every == 0 or done == total_steps:
-            checkpoint(done)
+            checkpoint(run_dir, done, total_steps, model, optimizer, scheduler, accelerator,
+                       cfg.keep_checkpoints)
     bar.close()
 
     # ---- evaluate and save -----------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Pieces every training recipe shares: accelerator, trainable model, run directory, optimizer,
+checkpoint save/restore. Plain functions a recipe calls in order; the loop stays in the recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alignkit.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint
+from alignkit.config import TrainSettings, dump_config
+from alignkit.errors import AlignkitError
+from alignkit.io import truncate_jsonl_after
+from alignkit.models import attach_lora, load_model, resolve_device
+from alignkit.runs import CONFIG_FILE, METRICS_FILE, new_run_dir
+
+
+def make_accelerator(cfg: TrainSettings):
+    """An Accelerator on the configured device; weights stay float32, bf16 autocast on CUDA."""
+    from accelerate import Accelerator
+
+    device = resolve_device(cfg.device)
+    use_bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if use_bf16 else "no")
+
+
+def load_trainable(cfg: TrainSettings, device):
+    """(model, tokenizer) with LoRA attached (or an adapter made trainable), or every weight trainable."""
+    model, tokenizer = load_model(cfg.model, device=device, dtype="float32", trainable_adapter=cfg.lora.enabled)
+    if cfg.lora.enabled and not hasattr(model, "peft_config"):
+        model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                            target_modules=cfg.lora.target_modules)
+    elif not cfg.lora.enabled:
+        if hasattr(model, "peft_config"):
+            raise AlignkitError(f"model '{cfg.model}' is an adapter; full fine-tuning needs a full model "
+                                "(merge it first: alignkit models merge)")
+        model.requires_grad_(True)
+    model.train()
+    return model, tokenizer
+
+
+def open_run_dir(cfg: TrainSettings, prefix: str, resume: Path | None, overwrite: bool, accelerator) -> Path:
+    """The run directory every process agrees on (the main process picks it and saves the config)."""
+    from accelerate.utils import broadcast_object_list
+
+    picked = [None]
+    if accelerator.is_main_process:
+        picked[0] = str(resume) if resume else str(new_run_dir(cfg.output_dir, cfg.run_name, prefix, overwrite))
+        if not resume:
+            dump_config(cfg, Path(picked[0]) / CONFIG_FILE)
+    return Path(broadcast_object_list(picked)[0])
+
+
+def make_optimizer(params, cfg: TrainSettings, total_steps: int):
+    """AdamW and the configured warm-up + decay schedule."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def resume_state(run_dir: Path, resume: Path | None, model, optimizer, scheduler, accelerator) -> int:
+    """Restore the newest checkpoint when resuming; trim metrics logged after it. Returns the start step."""
+    start = 0
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if resume and checkpoints:
+        start = load_checkpoint(checkpoints[-1], model=accelerator.unwrap_model(model), optimizer=optimizer,
+                                scheduler=scheduler, rank=accelerator.process_index)["step"]
+    if accelerator.is_main_process:
+        truncate_jsonl_after(run_dir / METRICS_FILE, start)
+    return start
+
+
+def checkpoint(run_dir: Path, step: int, total_steps: int, model, optimizer, scheduler, accelerator,
+               keep: int) -> None:
+    """Save step `step` (every process's RNG state included); all processes call this."""
+    from accelerate.utils import gather_object
+
+    rngs = gather_object([rng_state()])
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", model=accelerator.unwrap_model(model),
+                        optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
+                        state={"step": step, "total_steps": total_steps,
+                               "world_size": accelerator.num_processes}, keep=keep)
+    accelerator.wait_for_everyone()
