@@ -14,9 +14,15 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@# The code sandbox needs bubblewrap; as root we install it, otherwise its tests say why they skip.
-	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap; } \
-		|| echo "WARNING: bubblewrap is not installed and we are not root: sandbox tests will skip"
+	@# System packages: bubblewrap for the code sandbox; chromium and its driver for the labeling
+	@# page's browser test. As root we install what is missing; otherwise those tests say why they skip.
+	@missing=""; command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "WARNING: not root, so not installing:$$missing (their tests will skip)"; fi; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

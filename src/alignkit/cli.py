@@ -32,12 +32,14 @@ train_app = typer.Typer(help="Train a model: sft, reward.", no_args_is_help=True
 prefs_app = typer.Typer(help="Preference data: sample candidates, validate, rankings -> pairs, AI judging.",
                         no_args_is_help=True)
 reward_app = typer.Typer(help="Use a trained reward model.", no_args_is_help=True)
+label_app = typer.Typer(help="Human labeling: a web page where labelers rank completions.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and convert models.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 sandbox_app = typer.Typer(help="Run untrusted Python behind an OS boundary (bubblewrap).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(prefs_app, name="prefs")
 app.add_typer(reward_app, name="reward")
+app.add_typer(label_app, name="label")
 app.add_typer(sandbox_app, name="sandbox")
 
 MODEL_HELP = ("'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "
@@ -350,6 +352,49 @@ def prefs_sample(
     print(f"wrote {len(records)} prompt(s) with up to {n} completions each to {out}")
     for reason in skipped:
         print(f"  skipped {reason}")
+
+
+@label_app.command("serve")
+def label_serve(
+    db: Path = typer.Option(..., help="SQLite file holding tasks, labelers and labels (created if missing)."),
+    tasks: Optional[Path] = typer.Option(None, help="Rankings JSONL to load as tasks (from `prefs sample`)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; tokens travel in clear, so keep it local "
+                                                "or put a TLS proxy in front."),
+    instructions: Optional[Path] = typer.Option(None, help="Markdown shown to labelers (default: the shipped "
+                                                           "helpful/honest/harmless instructions)."),
+):
+    """Serve the labeling page. Add labelers first with `alignkit label add-labeler NAME --db DB`.
+
+    Example: alignkit label serve --db labels.sqlite --tasks candidates.jsonl --port 8000
+    """
+    from alignkit.feedback.label_app import serve
+
+    serve(db, tasks, port=port, host=host, instructions_path=instructions)
+
+
+@label_app.command("add-labeler")
+def label_add_labeler(
+    name: str = typer.Argument(..., help="The labeler's name, as it will appear in exports."),
+    db: Path = typer.Option(..., help="SQLite labeling database."),
+    replace: bool = typer.Option(False, help="Issue a new token for an existing labeler (revokes the old one)."),
+):
+    """Create a labeler and print their access token (only its hash is stored: keep it safe)."""
+    from alignkit.feedback.label_app import add_labeler
+
+    print(add_labeler(db, name, replace=replace))
+
+
+@label_app.command("export")
+def label_export(
+    db: Path = typer.Option(..., help="SQLite labeling database."),
+    out: Path = typer.Option(..., help="Rankings JSONL to write (one line per task and labeler)."),
+):
+    """Write every label in the rankings format, ready for `alignkit prefs from-rankings`."""
+    from alignkit.feedback.label_app import export
+
+    n = export(db, out)
+    print(f"exported {n} label(s) to {out}")
 
 
 @sandbox_app.command("run")
