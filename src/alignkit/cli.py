@@ -354,6 +354,28 @@ def prefs_sample(
         print(f"  skipped {reason}")
 
 
+@prefs_app.command("judge")
+def prefs_judge(
+    candidates: Path = typer.Option(..., help="Rankings JSONL of candidate completions (from `prefs sample`)."),
+    judge: Path = typer.Option(..., help="Judge YAML: components (toxicity, sentiment, reward, classifier, "
+                                         "llm) with weights, optional categories. See configs/judge.yaml."),
+    out: Path = typer.Option(..., help="JSONL to write."),
+    fmt: str = typer.Option("rankings", "--format", help="rankings (ranks from scores, ties share a rank) or "
+                                                         "pairs (margin = score difference)."),
+):
+    """Label candidates with an AI judge; the judge is recorded as the labeler.
+
+    Example: alignkit prefs judge --candidates cands.jsonl --judge configs/judge.yaml --out pairs.jsonl --format pairs
+    """
+    from alignkit.feedback.ai_label import judge_file
+
+    if fmt not in ("rankings", "pairs"):
+        raise AlignkitError(f"--format must be rankings or pairs, not {fmt!r}")
+    s = judge_file(candidates, judge, out, fmt)
+    print(f"{s['records_in']} record(s), {s['completions_scored']} completion(s) scored by {s['labeler']}; "
+          f"{s['records_out']} {s['format']} record(s) written to {out}")
+
+
 @label_app.command("serve")
 def label_serve(
     db: Path = typer.Option(..., help="SQLite file holding tasks, labelers and labels (created if missing)."),

@@ -1,0 +1,1 @@
+"""Evaluation: judges that score completions, and their composition into one score."""
