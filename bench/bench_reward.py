@@ -32,6 +32,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     from alignkit.config import RewardConfig, load_config
+    from alignkit.data.batching import global_batch
     from alignkit.data.prefs import encode_response
     from alignkit.losses.reward import bradley_terry_loss
     from alignkit.models import ScalarHeadModel, load_model
@@ -79,11 +80,14 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
 
+    # The recipe's own batches, so both sides see the same sequence lengths.
+    steps_per_epoch = len(pairs) // batch
+    same = [[pairs[i] for i in global_batch(s, len(pairs), batch, steps_per_epoch, 0)] for s in range(args.steps + 1)]
     peer.train()
-    peer_step(pairs[:batch])  # warm-up
+    peer_step(same[0])  # warm-up, as the recipe's step 1 is left out of its timing
     t = time.perf_counter()
-    for s in range(args.steps):
-        peer_step(pairs[(s * batch) % 24:(s * batch) % 24 + batch])
+    for chunk in same[1:]:
+        peer_step(chunk)
     peer_train = batch * args.steps / (time.perf_counter() - t)
 
     # ---- scoring ---------------------------------------------------------------------------------
