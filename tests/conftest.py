@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,42 @@ def sft_file(tmp_path) -> Path:
 def make_tiny_model():
     """Factory for extra tiny models: make_tiny_model(path, seed=..., layers=...)."""
     return build_tiny_model
+
+
+POLITE = ["Happy to help!", "Thanks for asking!", "Great question!", "Of course!", "Sure, glad to help.",
+          "Thank you for waiting."]
+RUDE = ["Stop bothering me.", "Ugh, whatever.", "Not my problem.", "Figure it out.", "Go away.", "Ask someone else."]
+ANSWERS = ["Returns are free within 30 days.", "Your order ships tomorrow.", "Refunds take two days.",
+           "Use the Track package button.", "We accept cards and PayPal.", "Gift wrap costs three dollars.",
+           "Open Orders and click Cancel.", "The jacket is back next week."]
+PROMPTS = ["Can I return shoes?", "Where is my order?", "When is my refund?", "How do I track it?",
+           "How can I pay?", "Do you wrap gifts?", "Can I cancel?", "Is the jacket in stock?",
+           "Help with my order", "Question about returns", "Shipping question", "I need help"]
+
+
+def synthetic_pairs(rng, prompts, answers, n):
+    """Chosen and rejected share the answer and differ only in a polite or rude opening, so
+    neither length nor content gives the preference away."""
+    out, seen = [], set()
+    while len(out) < n:
+        answer = rng.choice(answers)
+        pair = (rng.choice(prompts), f"{rng.choice(POLITE)} {answer}", f"{rng.choice(RUDE)} {answer}")
+        if pair not in seen:  # the validator rightly refuses duplicates
+            seen.add(pair)
+            out.append(dict(zip(("prompt", "chosen", "rejected"), pair)))
+    return out
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+@pytest.fixture()
+def pair_files(tmp_path):
+    """(train, held-out) synthetic pairs files: held-out prompts and answers never appear in training."""
+    rng = random.Random(0)
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(rng, PROMPTS[:8], ANSWERS[:6], 96))
+    # Held out: prompts and answers never seen in training.
+    held = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(rng, PROMPTS[8:], ANSWERS[6:], 40))
+    return train, held

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import typer
 
-from alignkit.config import RewardConfig, SFTConfig, field_help
+from alignkit.config import DPOConfig, RewardConfig, SFTConfig, field_help
 from alignkit.errors import AlignkitError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model loads from local files
@@ -28,7 +28,7 @@ app = typer.Typer(
          "default model), then `alignkit train sft --config configs/sft.yaml`.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]})
-train_app = typer.Typer(help="Train a model: sft, reward.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: sft, reward, dpo.", no_args_is_help=True)
 prefs_app = typer.Typer(help="Preference data: sample candidates, validate, rankings -> pairs, AI judging.",
                         no_args_is_help=True)
 reward_app = typer.Typer(help="Use a trained reward model.", no_args_is_help=True)
@@ -214,6 +214,21 @@ def train_reward(
     from alignkit.recipes import reward
 
     _train(RewardConfig, reward.main, config, overrides, resume, overwrite)
+
+
+@train_app.command("dpo", epilog=_epilog(DPOConfig))
+def train_dpo(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: Optional[Path] = CONFIG_OPT, resume: Optional[Path] = RESUME_OPT, overwrite: bool = OVERWRITE_OPT,
+):
+    """Direct preference optimisation on pairs JSONL; the reference is the model as loaded.
+
+    Start from an SFT adapter (model: runs/NAME/final) to make that SFT model the reference.
+    Example: alignkit train dpo --config configs/dpo.yaml run_name=dpo1
+    """
+    from alignkit.recipes import dpo
+
+    _train(DPOConfig, dpo.main, config, overrides, resume, overwrite)
 
 
 def _reward_dir(model: Path) -> Path:

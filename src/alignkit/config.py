@@ -108,6 +108,15 @@ class RewardConfig(TrainSettings):
     """Subtract a pair's "margin" field inside the Bradley-Terry loss when present."""
 
 
+class DPOConfig(TrainSettings):
+    data: RewardData
+    """Training and eval pairs (the same files as the reward model)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL penalty toward the reference (higher stays closer)."""
+    learning_rate: float = Field(5e-5, gt=0)
+    """Peak learning rate (AdamW); DPO wants a smaller one than SFT."""
+
+
 def field_help(cls: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per config key: dotted name, default and description (for --help)."""
     lines = []

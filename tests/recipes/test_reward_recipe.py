@@ -1,7 +1,6 @@
 """Reward-model recipe: learns a held-out preference, and resumes exactly from a checkpoint."""
 
 import json
-import random
 import shutil
 
 import pytest
@@ -12,44 +11,6 @@ from safetensors.torch import load_file
 from alignkit.config import RewardConfig, load_config
 from alignkit.models import ScalarHeadModel
 from alignkit.recipes import reward
-
-POLITE = ["Happy to help!", "Thanks for asking!", "Great question!", "Of course!", "Sure, glad to help.",
-          "Thank you for waiting."]
-RUDE = ["Stop bothering me.", "Ugh, whatever.", "Not my problem.", "Figure it out.", "Go away.", "Ask someone else."]
-ANSWERS = ["Returns are free within 30 days.", "Your order ships tomorrow.", "Refunds take two days.",
-           "Use the Track package button.", "We accept cards and PayPal.", "Gift wrap costs three dollars.",
-           "Open Orders and click Cancel.", "The jacket is back next week."]
-PROMPTS = ["Can I return shoes?", "Where is my order?", "When is my refund?", "How do I track it?",
-           "How can I pay?", "Do you wrap gifts?", "Can I cancel?", "Is the jacket in stock?",
-           "Help with my order", "Question about returns", "Shipping question", "I need help"]
-
-
-def synthetic_pairs(rng, prompts, answers, n):
-    """Chosen and rejected share the answer and differ only in a polite or rude opening, so
-    neither length nor content gives the preference away."""
-    out, seen = [], set()
-    while len(out) < n:
-        answer = rng.choice(answers)
-        pair = (rng.choice(prompts), f"{rng.choice(POLITE)} {answer}", f"{rng.choice(RUDE)} {answer}")
-        if pair not in seen:  # the validator rightly refuses duplicates
-            seen.add(pair)
-            out.append(dict(zip(("prompt", "chosen", "rejected"), pair)))
-    return out
-
-
-def write_jsonl(path, recs):
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
-
-
-@pytest.fixture()
-def pair_files(tmp_path):
-    rng = random.Random(0)
-    train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(rng, PROMPTS[:8], ANSWERS[:6], 96))
-    # Held out: prompts and answers never seen in training.
-    held = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(rng, PROMPTS[8:], ANSWERS[6:], 40))
-    return train, held
-
 
 def config(tmp_path, model_dir, train, held, **over):
     cfg = {"model": str(model_dir), "data": {"train": str(train), "eval": str(held), "max_length": 64},

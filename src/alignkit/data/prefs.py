@@ -205,10 +205,16 @@ def encode_response(tokenizer, prompt: str, completion: str, max_length: int) ->
 
     Too-long sequences keep their last max_length tokens: the end is where a reward is read.
     """
+    return encode_split(tokenizer, prompt, completion, max_length)[0]
+
+
+def encode_split(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int]:
+    """Like encode_response, plus how many of the kept tokens belong to the prompt."""
     from alignkit.models.generation import render_prompt
 
     with_template = tokenizer.chat_template is not None
     prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=not with_template)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     ids = prompt_ids + completion_ids + [tokenizer.eos_token_id]
-    return ids[-max_length:]
+    cut = max(0, len(ids) - max_length)
+    return ids[cut:], max(0, len(prompt_ids) - cut)

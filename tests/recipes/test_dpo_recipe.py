@@ -1,0 +1,47 @@
+"""DPO recipe: the reference is the starting policy, and training learns a held-out preference."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from alignkit.config import DPOConfig, load_config
+from alignkit.data.prefs import encode_split
+from alignkit.models import load_model
+from alignkit.models.generation import left_pad
+from alignkit.models.logprobs import sequence_logprob
+from alignkit.recipes import dpo
+
+
+def test_sequence_logprob_matches_unpadded_forward(tiny):
+    """Summed completion log-probs from a left-padded batch equal those of each sequence alone."""
+    model, tok = tiny
+    rows = [encode_split(tok, "Where is my order?", "It ships tomorrow.", 64),
+            encode_split(tok, "Hi", "Hello there, how can I help?", 64)]
+    batch = [{"chosen": ids, "chosen_prompt": n, "rejected": ids, "rejected_prompt": n} for ids, n in rows]
+    with torch.no_grad():
+        got, _ = dpo.batch_logprobs(model, batch, tok.pad_token_id, "cpu")
+        for (ids, n_prompt), value in zip(rows, got):
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            logp = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+            assert value.item() == pytest.approx(logp[n_prompt - 1:].sum().item(), abs=1e-4)
+
+
+def test_dpo_learns_held_out_preference(tmp_path, tiny_model_dir, pair_files):
+    train, held = pair_files
+    cfg = {"model": str(tiny_model_dir), "data": {"train": str(train), "eval": str(held), "max_length": 64},
+           "output_dir": str(tmp_path / "runs"), "run_name": "dpo", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+           "learning_rate": 3e-3, "beta": 0.5, "micro_batch_size": 8, "max_steps": 24, "save_every": 12,
+           "device": "cpu", "seed": 0, "lr_scheduler": "constant"}
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_dir = dpo.main(load_config(DPOConfig, path))
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    before, after = records[0], records[-1]
+    # Before any update the policy is the reference: loss log 2, no margin.
+    assert before["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert before["eval_reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert after["eval_loss"] < 0.6 and after["eval_accuracy"] >= 0.8, after
+    policy, tok = load_model(str(run_dir / "final"), device="cpu")
+    assert hasattr(policy, "peft_config")  # an adapter on the unchanged base
