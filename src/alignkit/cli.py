@@ -25,22 +25,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 app = typer.Typer(
     help="alignkit: align, evaluate, compress and apply language models.\n\n"
          "Start with `alignkit generate --prompt 'Hello'` (the embedded SmolLM2-135M-Instruct is the "
-         "default model), then `alignkit train sft --config configs/sft.yaml`.",
+         "default model), then `alignkit train sft --config configs/sft.yaml`. Every command has --help; "
+         "`alignkit train RECIPE --help` lists every config key with its default.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]})
 train_app = typer.Typer(help="Train a model: sft, reward, dpo.", no_args_is_help=True)
+models_app = typer.Typer(help="Inspect and convert models.", no_args_is_help=True)
 prefs_app = typer.Typer(help="Preference data: sample candidates, validate, rankings -> pairs, AI judging.",
                         no_args_is_help=True)
-reward_app = typer.Typer(help="Use a trained reward model.", no_args_is_help=True)
 label_app = typer.Typer(help="Human labeling: a web page where labelers rank completions.", no_args_is_help=True)
-models_app = typer.Typer(help="Inspect and convert models.", no_args_is_help=True)
-app.add_typer(train_app, name="train")
+reward_app = typer.Typer(help="Use a trained reward model.", no_args_is_help=True)
 sandbox_app = typer.Typer(help="Run untrusted Python behind an OS boundary (bubblewrap).", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-app.add_typer(prefs_app, name="prefs")
-app.add_typer(reward_app, name="reward")
-app.add_typer(label_app, name="label")
-app.add_typer(sandbox_app, name="sandbox")
+for sub, name in ((train_app, "train"), (models_app, "models"), (prefs_app, "prefs"), (label_app, "label"),
+                  (reward_app, "reward"), (sandbox_app, "sandbox")):
+    app.add_typer(sub, name=name)
 
 MODEL_HELP = ("'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "
               "directory saved by alignkit (e.g. runs/NAME/final), or a .gguf file")
