@@ -85,3 +85,26 @@ def checkpoint(run_dir: Path, step: int, total_steps: int, model, optimizer, sch
                         state={"step": step, "total_steps": total_steps,
                                "world_size": accelerator.num_processes}, keep=keep)
     accelerator.wait_for_everyone()
+
+
+def evaluate_pairs(model, pairs: list, micro: int, terms, accelerator) -> dict:
+    """Held-out loss, accuracy and margin of a pairwise objective, split across processes.
+
+    `terms(model, batch) -> (per-pair loss, per-pair margin)`, each (B,); a pair counts as right
+    when its margin (chosen minus rejected) is positive.
+    """
+    model.eval()
+    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, correct, margin, n
+    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    with torch.no_grad():
+        for start in range(0, len(mine), micro):
+            batch = [pairs[i] for i in mine[start:start + micro]]
+            with accelerator.autocast():
+                loss, margin = terms(model, batch)
+            total += torch.stack([loss.sum().double(), (margin > 0).sum().double(), margin.sum().double(),
+                                  torch.tensor(float(len(batch)), dtype=torch.float64, device=loss.device)])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    n = total[3].clamp(min=1)
+    return {"eval_loss": round((total[0] / n).item(), 6), "eval_accuracy": round((total[1] / n).item(), 6),
+            "eval_margin": round((total[2] / n).item(), 6)}

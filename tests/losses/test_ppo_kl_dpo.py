@@ -80,9 +80,12 @@ def test_adaptive_kl_controller():
 
 def test_dpo_loss():
     """All log-probs equal: -log sigmoid(0) = log 2 = 0.693147. Policy raises the chosen log-prob by 1,
-    beta 0.1: -log sigmoid(0.1) = log(1 + e^-0.1) = 0.644397; implicit chosen reward 0.1."""
+    beta 0.1: margin 0.1, -log sigmoid(0.1) = log(1 + e^-0.1) = 0.644397."""
     z = torch.zeros(1)
     assert dpo_loss(z, z, z, z, beta=0.1)[0].item() == pytest.approx(0.693147, abs=1e-6)
-    loss, stats = dpo_loss(torch.ones(1), z, z, z, beta=0.1)
+    loss, margin = dpo_loss(torch.ones(1), z, z, z, beta=0.1)
     assert loss.item() == pytest.approx(0.644397, abs=1e-6)
-    assert stats["reward_chosen"] == pytest.approx(0.1) and stats["accuracy"] == 1.0
+    assert margin.item() == pytest.approx(0.1)
+    # the reference cancels: the same shift in policy and reference changes nothing
+    shifted = dpo_loss(torch.tensor([3.0]), torch.tensor([2.0]), torch.tensor([2.0]), torch.tensor([2.0]), beta=0.1)
+    assert shifted[0].item() == pytest.approx(0.644397, abs=1e-6)

@@ -41,7 +41,7 @@ def test_dpo_learns_held_out_preference(tmp_path, tiny_model_dir, pair_files):
     before, after = records[0], records[-1]
     # Before any update the policy is the reference: loss log 2, no margin.
     assert before["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
-    assert before["eval_reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert before["eval_margin"] == pytest.approx(0.0, abs=1e-5)
     assert after["eval_loss"] < 0.6 and after["eval_accuracy"] >= 0.8, after
     policy, tok = load_model(str(run_dir / "final"), device="cpu")
     assert hasattr(policy, "peft_config")  # an adapter on the unchanged base

@@ -25,14 +25,3 @@ def reward_centering(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.
     The auxiliary centering loss of Eisenstein et al. 2023 ("Helping or Herding?"), section 3.
     """
     return (r_chosen + r_rejected) ** 2
-
-
-def pairwise_reward_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                         center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Mean Bradley-Terry loss plus center_coef x mean centering term, with accuracy and margin stats."""
-    loss = bradley_terry_loss(r_chosen, r_rejected, margin).mean()
-    if center_coef:
-        loss = loss + center_coef * reward_centering(r_chosen, r_rejected).mean()
-    stats = {"accuracy": (r_chosen > r_rejected).float().mean().item(),
-             "reward_margin": (r_chosen - r_rejected).mean().item()}
-    return loss, stats

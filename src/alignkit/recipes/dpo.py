@@ -28,8 +28,8 @@ from alignkit.models import save_model
 from alignkit.models.generation import left_pad
 from alignkit.models.logprobs import sequence_logprob
 from alignkit.runs import METRICS_FILE
-from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
-                               resume_state)
+from alignkit.training import (checkpoint, evaluate_pairs, load_trainable, make_accelerator, make_optimizer,
+                               open_run_dir, resume_state)
 
 
 def encode(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
@@ -66,30 +66,12 @@ def reference_logprobs(model, data: list[dict], pad_id: int, micro: int, device)
     model.train()
 
 
-def pair_loss(model, batch, pad_id, device, beta):
+def pair_terms(model, batch: list[dict], pad_id: int, device, beta: float):
+    """Per-pair DPO loss and implicit-reward margin, each (B,)."""
     c, r = batch_logprobs(model, batch, pad_id, device)
     ref_c = torch.tensor([b["ref_chosen"] for b in batch], device=device)
     ref_r = torch.tensor([b["ref_rejected"] for b in batch], device=device)
     return dpo_loss(c, r, ref_c, ref_r, beta)
-
-
-def evaluate(model, data: list[dict], pad_id: int, micro: int, beta: float, accelerator) -> dict:
-    model.eval()
-    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, correct, margin, n
-    mine = list(range(accelerator.process_index, len(data), accelerator.num_processes))
-    with torch.no_grad():
-        for start in range(0, len(mine), micro):
-            batch = [data[i] for i in mine[start:start + micro]]
-            loss, stats = pair_loss(model, batch, pad_id, accelerator.device, beta)
-            n = len(batch)
-            total += torch.tensor([loss.item() * n, stats["accuracy"] * n,
-                                   (stats["reward_chosen"] - stats["reward_rejected"]) * n, n],
-                                  dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(total, reduction="sum")
-    model.train()
-    n = total[3].clamp(min=1)
-    return {"eval_loss": round((total[0] / n).item(), 6), "eval_accuracy": round((total[1] / n).item(), 6),
-            "eval_reward_margin": round((total[2] / n).item(), 6)}
 
 
 def main(cfg: DPOConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
@@ -124,10 +106,16 @@ def main(cfg: DPOConfig, *, resume: Path | None = None, overwrite: bool = False)
               f"{total_steps} steps | run dir {run_dir}"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
 
+    def terms(m, batch):
+        return pair_terms(m, batch, pad_id, accelerator.device, cfg.beta)
+
+    def run_eval() -> dict:
+        return evaluate_pairs(model, evals, cfg.micro_batch_size, terms, accelerator)
+
     # ---- train ---------------------------------------------------------------------------------
     t0 = time.time()
     if evals and start_step == 0:
-        before = evaluate(model, evals, pad_id, cfg.micro_batch_size, cfg.beta, accelerator)
+        before = run_eval()
         if main_proc:
             metrics.write({"step": 0, **before})
     bar = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not main_proc, unit="step")
@@ -139,13 +127,11 @@ def main(cfg: DPOConfig, *, resume: Path | None = None, overwrite: bool = False)
             batch = [train[i] for i in micro]
             sync = j == len(micro_batches) - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                loss, stats = pair_loss(model, batch, pad_id, accelerator.device, cfg.beta)
-                # loss is a mean over this micro-batch: weight it to a mean over the global batch.
-                accelerator.backward(loss * len(batch) * world / len(indices))
-            n = len(batch)
-            sums += torch.tensor([loss.item() * n, stats["accuracy"] * n,
-                                  (stats["reward_chosen"] - stats["reward_rejected"]) * n],
-                                 dtype=torch.float64, device=accelerator.device)
+                per_pair, margin = terms(model, batch)
+                # Mean over the global batch: DDP averages over processes, so scale by `world`.
+                accelerator.backward(per_pair.sum() * world / len(indices))
+            sums += torch.stack([per_pair.detach().sum().double(), (margin > 0).sum().double(),
+                                 margin.detach().sum().double()])
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -154,10 +140,10 @@ def main(cfg: DPOConfig, *, resume: Path | None = None, overwrite: bool = False)
         sums = accelerator.reduce(sums, reduction="sum") / len(indices)
         done = step + 1
         record = {"step": done, "loss": round(sums[0].item(), 6), "accuracy": round(sums[1].item(), 6),
-                  "reward_margin": round(sums[2].item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                  "margin": round(sums[2].item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
                   "elapsed_s": round(time.time() - t0, 3)}
         if evals and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-            record.update(evaluate(model, evals, pad_id, cfg.micro_batch_size, cfg.beta, accelerator))
+            record.update(run_eval())
         if main_proc:
             metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
@@ -167,7 +153,7 @@ def main(cfg: DPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     bar.close()
 
     # ---- evaluate and save -----------------------------------------------------------------------
-    summary = evaluate(model, evals, pad_id, cfg.micro_batch_size, cfg.beta, accelerator) if evals else {}
+    summary = run_eval() if evals else {}
     if main_proc:
         if evals:
             metrics.write({"step": total_steps, **summary})

@@ -27,8 +27,8 @@ from alignkit.losses.reward import bradley_terry_loss, reward_centering
 from alignkit.models import ScalarHeadModel
 from alignkit.models.generation import left_pad
 from alignkit.runs import METRICS_FILE
-from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
-                               resume_state)
+from alignkit.training import (checkpoint, evaluate_pairs, load_trainable, make_accelerator, make_optimizer,
+                               open_run_dir, resume_state)
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +46,11 @@ def pair_scores(model, batch: list[dict], pad_id: int, device) -> tuple[torch.Te
     return scores[:len(batch)], scores[len(batch):]
 
 
-def evaluate(model, pairs: list[dict], pad_id: int, micro: int, center_coef: float, accelerator) -> dict:
-    """Held-out loss, accuracy and mean margin, split across processes."""
-    model.eval()
-    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, correct, margin, n
-    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
-    with torch.no_grad():
-        for start in range(0, len(mine), micro):
-            batch = [pairs[i] for i in mine[start:start + micro]]
-            with accelerator.autocast():
-                rc, rr = pair_scores(model, batch, pad_id, accelerator.device)
-            margin = torch.tensor([b["margin"] for b in batch], device=rc.device)
-            loss = bradley_terry_loss(rc, rr, margin) + center_coef * reward_centering(rc, rr)
-            total += torch.stack([loss.sum().double(), (rc > rr).sum().double(), (rc - rr).sum().double(),
-                                  torch.tensor(float(len(batch)), dtype=torch.float64, device=rc.device)])
-    total = accelerator.reduce(total, reduction="sum")
-    model.train()
-    n = total[3].clamp(min=1)
-    return {"eval_loss": round((total[0] / n).item(), 6), "eval_accuracy": round((total[1] / n).item(), 6),
-            "eval_margin": round((total[2] / n).item(), 6)}
+def pair_terms(model, batch: list[dict], pad_id: int, device, center_coef: float):
+    """Per-pair loss (Bradley-Terry with margin, plus centering) and reward margin, each (B,)."""
+    rc, rr = pair_scores(model, batch, pad_id, device)
+    margin = torch.tensor([b["margin"] for b in batch], device=rc.device)
+    return bradley_terry_loss(rc, rr, margin) + center_coef * reward_centering(rc, rr), rc - rr
 
 
 def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
@@ -101,8 +87,11 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
     metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
 
+    def terms(m, batch):
+        return pair_terms(m, batch, pad_id, accelerator.device, cfg.center_coef)
+
     def run_eval() -> dict:
-        return evaluate(model, evals, pad_id, cfg.micro_batch_size, cfg.center_coef, accelerator)
+        return evaluate_pairs(model, evals, cfg.micro_batch_size, terms, accelerator)
 
     # ---- train ---------------------------------------------------------------------------------
     t0 = time.time()
@@ -119,13 +108,11 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
             batch = [train[i] for i in micro]
             sync = j == len(micro_batches) - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                rc, rr = pair_scores(model, batch, pad_id, accelerator.device)
-                margin = torch.tensor([b["margin"] for b in batch], device=rc.device)
-                per_pair = bradley_terry_loss(rc, rr, margin) + cfg.center_coef * reward_centering(rc, rr)
+                per_pair, margin = terms(model, batch)
                 # Mean over the global batch: DDP averages over processes, so scale by `world`.
                 accelerator.backward(per_pair.sum() * world / len(indices))
-            sums += torch.stack([per_pair.detach().sum().double(), (rc > rr).sum().double(),
-                                 (rc - rr).detach().sum().double()])
+            sums += torch.stack([per_pair.detach().sum().double(), (margin > 0).sum().double(),
+                                 margin.detach().sum().double()])
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -134,7 +121,7 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
         sums = accelerator.reduce(sums, reduction="sum") / len(indices)
         done = step + 1
         record = {"step": done, "loss": round(sums[0].item(), 6), "accuracy": round(sums[1].item(), 6),
-                  "reward_margin": round(sums[2].item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                  "margin": round(sums[2].item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
                   "elapsed_s": round(time.time() - t0, 3)}
         if evals and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
             record.update(run_eval())
