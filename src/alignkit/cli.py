@@ -36,8 +36,14 @@ prefs_app = typer.Typer(help="Preference data: sample candidates, validate, rank
 label_app = typer.Typer(help="Human labeling: a web page where labelers rank completions.", no_args_is_help=True)
 reward_app = typer.Typer(help="Use a trained reward model.", no_args_is_help=True)
 sandbox_app = typer.Typer(help="Run untrusted Python behind an OS boundary (bubblewrap).", no_args_is_help=True)
+def _rag_app():
+    from alignkit.apps.rag.cli import rag_app
+
+    return rag_app
+
+
 for sub, name in ((train_app, "train"), (models_app, "models"), (prefs_app, "prefs"), (label_app, "label"),
-                  (reward_app, "reward"), (sandbox_app, "sandbox")):
+                  (reward_app, "reward"), (_rag_app(), "rag"), (sandbox_app, "sandbox")):
     app.add_typer(sub, name=name)
 
 MODEL_HELP = ("'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "

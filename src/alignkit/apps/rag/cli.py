@@ -1,0 +1,219 @@
+"""The `alignkit rag` commands: ingest documents into an index, answer questions from it, evaluate it on known answers.
+
+Parsing and printing only; the work is in ingest.py, answer.py and evaluate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from alignkit.apps.rag.answer import DEFAULT_ANSWER_TOKENS, DEFAULT_MIN_SCORE, answer_question, load_prompt
+
+rag_app = typer.Typer(
+    help="Retrieval-augmented generation: ingest documents into an index, ask questions with cited answers, "
+         "evaluate retrieval.\n\nStart with `alignkit rag ingest docs/ --index rag.db`, then "
+         "`alignkit rag query --index rag.db \"your question\"`.",
+    no_args_is_help=True)
+
+MODEL_HELP = ("Generator: 'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "
+              "directory saved by alignkit, or a .gguf file")
+MODE_HELP = "hybrid (dense + BM25 fused by reciprocal rank), dense (embeddings) or bm25 (full text)"
+MIN_SCORE_HELP = (f"Relevance threshold below which the answer is 'I don't know' and the model is not called. "
+                  f"dense and hybrid compare the question's cosine similarity to its nearest chunk (default "
+                  f"{DEFAULT_MIN_SCORE['dense']}); bm25 compares the best BM25 score, whose scale depends on the "
+                  f"corpus (default {DEFAULT_MIN_SCORE['bm25']}: abstain only when no chunk shares a word).")
+MODES = ("hybrid", "dense", "bm25")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise typer.BadParameter(f"must be one of {', '.join(MODES)}, got {mode!r}", param_hint="--mode")
+
+
+def _tokenizer(spec: str):
+    """The generator's tokenizer without loading its weights: chunk sizes are counted in its tokens."""
+    from alignkit.models.loading import load_tokenizer, resolve_base
+
+    path = Path(spec).expanduser()
+    if spec != "embedded" and (path / "adapter_config.json").is_file() and (path / "tokenizer_config.json").is_file():
+        return load_tokenizer(path)
+    return load_tokenizer(resolve_base(spec))
+
+
+def _dump(obj: dict) -> str:
+    # NaN is not JSON; a missing relevance score is reported as null.
+    def clean(v):
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, dict):
+            return {key: clean(x) for key, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), ensure_ascii=False)
+
+
+@rag_app.command("ingest")
+def ingest_cmd(
+    sources: List[str] = typer.Argument(..., help="Files, folders, or sqlite:///FILE.db?table=NAME / ?query=SELECT... specs."),
+    index: Path = typer.Option(..., "--index", help="Index file to create or bring up to date."),
+    model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP + "; only its tokenizer is loaded, to "
+                              "measure chunks in the tokens the generator will see."),
+    chunk_tokens: int = typer.Option(256, help="Largest chunk, in the generator's tokens (at least 16)."),
+    overlap: int = typer.Option(32, help="Tokens of trailing sentences repeated at the start of the next chunk "
+                                         "(at most chunk-tokens / 2)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {\"index\", \"added\", \"updated\", "
+                                 "\"unchanged\", \"removed\" (lists of sources), \"skipped\" ([{\"source\", \"reason\", "
+                                 "\"location\"}]), \"chunks_written\", \"chunks_removed\", \"embedded\", "
+                                 "\"reused_vectors\", \"seconds\"}."),
+):
+    """Index documents: new and changed ones are chunked and embedded, vanished ones removed, unchanged ones skipped.
+
+    Example: alignkit rag ingest docs/ wiki/ --index rag.db
+    """
+    from tqdm.auto import tqdm
+
+    from alignkit.apps.rag import ChunkConfig, IngestReport, ingest
+    from alignkit.apps.rag.embed import DEFAULT_MODEL_NAME, load_embedder
+
+    try:
+        config = ChunkConfig(chunk_tokens, overlap)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    tokenizer = _tokenizer(model)
+    embedder = load_embedder(DEFAULT_MODEL_NAME)
+    total = IngestReport(index_path="")
+    # ingest() treats each source independently, so one call per source gives the same result
+    # and lets the bar advance as each source finishes.
+    for source in tqdm(sources, desc="ingesting", unit="source", disable=None if len(sources) > 1 else True):
+        report = ingest([source], index, tokenizer, embedder=embedder, config=config)
+        total.index_path = report.index_path
+        for name in ("added", "updated", "unchanged", "removed", "skipped"):
+            getattr(total, name).extend(getattr(report, name))
+        for name in ("chunks_written", "chunks_removed", "embedded", "reused_vectors", "seconds"):
+            setattr(total, name, getattr(total, name) + getattr(report, name))
+    if as_json:
+        print(_dump({
+            "index": total.index_path, "added": total.added, "updated": total.updated,
+            "unchanged": total.unchanged, "removed": total.removed,
+            "skipped": [{"source": s.source, "reason": s.reason, "location": s.location} for s in total.skipped],
+            "chunks_written": total.chunks_written, "chunks_removed": total.chunks_removed,
+            "embedded": total.embedded, "reused_vectors": total.reused_vectors, "seconds": round(total.seconds, 3),
+        }))
+    else:
+        print(total.summary())
+
+
+@rag_app.command("query")
+def query_cmd(
+    question: str = typer.Argument(..., help="The question to answer."),
+    index: Path = typer.Option(..., "--index", help="Index file written by `alignkit rag ingest`."),
+    k: int = typer.Option(4, "--k", help="Passages to retrieve and put in the prompt (fewer if the context window is full)."),
+    mode: str = typer.Option("hybrid", help=MODE_HELP),
+    model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP),
+    min_score: Optional[float] = typer.Option(None, help=MIN_SCORE_HELP),
+    max_new_tokens: int = typer.Option(DEFAULT_ANSWER_TOKENS, help="Answer budget in tokens, reserved in the context window."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt", help="Prompt template YAML (default: the shipped "
+                                                                      "prompts/rag_answer.yaml)."),
+    generate: bool = typer.Option(True, help="--no-generate: retrieve and apply the relevance threshold only; no model is loaded."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {\"question\", \"answer\" (null with "
+                                 "--no-generate unless abstained), \"abstained\", \"relevance\", \"threshold\", "
+                                 "\"citations\": [{\"n\", \"source\", \"citation\", \"score\", \"cited\"}] (the passages "
+                                 "numbered [n] in the prompt; cited: the answer refers to [n]), \"retrieval\": [{\"rank\", "
+                                 "\"source\", \"citation\", \"score\", \"method\", \"text\"}]}."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+):
+    """Answer a question from the index, citing the passages used, or say it does not know.
+
+    Example: alignkit rag query --index rag.db "How many vacation days do I get?"
+    """
+    _check_mode(mode)
+    prompt = load_prompt(prompt_file) if prompt_file else load_prompt()
+    loaded = (None, None)
+    if generate:
+        from alignkit.models import load_model
+
+        loaded = load_model(model, device=device)
+    result = answer_question(index, question, *loaded, k=k, mode=mode, min_score=min_score,
+                             max_new_tokens=max_new_tokens, prompt=prompt)
+    if as_json:
+        print(_dump(result.to_json()))
+        return
+    if result.answer is not None:
+        print(result.answer)
+    if result.abstained:
+        return
+    cited = result.cited()
+    print("\nSources:" if result.answer is not None else "Retrieved:")
+    for n, hit in result.numbered():
+        mark = "*" if n in cited else " "
+        print(f"{mark}[{n}] {hit.citation}  (score {hit.score:.3f}, {hit.method})")
+
+
+@rag_app.command("eval")
+def eval_cmd(
+    index: Path = typer.Option(..., "--index", help="Index file written by `alignkit rag ingest`."),
+    qa: Path = typer.Option(..., "--qa", help="QA JSONL: {\"question\", \"source\" (path suffix, or a list), \"answer\" "
+                                              "(substring)} per line; source and/or answer."),
+    k: int = typer.Option(5, "--k", help="Passages retrieved per question; metrics are @k."),
+    mode: str = typer.Option("hybrid", help=MODE_HELP),
+    generate: bool = typer.Option(False, help="Also answer each question with --model and check the answers "
+                                              "(answer substring, faithfulness to the passages)."),
+    model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP + " (with --generate)."),
+    min_score: Optional[float] = typer.Option(None, help=MIN_SCORE_HELP + " (with --generate)."),
+    max_new_tokens: int = typer.Option(DEFAULT_ANSWER_TOKENS, help="Answer budget in tokens (with --generate)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {\"k\", \"mode\", \"metrics\": {\"questions\", "
+                                 "\"hit_rate@k\", \"mrr\", \"recall@k\", \"abstained\", and with --generate "
+                                 "\"answer_accuracy\", \"faithfulness\"}, \"questions\": [{\"line\", \"question\", "
+                                 "\"rank\", \"recall\", \"abstained\", \"retrieved\", and with --generate \"answer\", "
+                                 "\"answer_correct\", \"faithfulness\", \"unsupported\"}]}."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+):
+    """Measure retrieval (hit-rate@k, MRR, recall@k) and optionally the generated answers on questions with known answers.
+
+    A chunk is relevant when it comes from the expected source and contains the answer substring.
+    Faithfulness is best effort: the share of answer sentences whose content words mostly occur in
+    one passage shown to the model. Bad QA lines are all reported with their line numbers.
+    Example: alignkit rag eval --index rag.db --qa questions.jsonl --k 5 --json
+    """
+    from alignkit.apps.rag import SqliteVecStore
+    from alignkit.apps.rag.evaluate import evaluate, load_qa
+
+    _check_mode(mode)
+    if k < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--k")
+    items = load_qa(qa)
+    loaded = (None, None)
+    if generate:
+        from alignkit.models import load_model
+
+        loaded = load_model(model, device=device)
+    prompt = load_prompt()
+    with SqliteVecStore(index) as store:
+        report = evaluate(
+            items,
+            lambda item: answer_question(store, item.question, *loaded, k=k, mode=mode, min_score=min_score,
+                                         max_new_tokens=max_new_tokens, prompt=prompt),
+            k, mode, generated=generate, progress=not as_json,
+        )
+    if as_json:
+        print(_dump(report.to_json()))
+        return
+    for name, value in report.metrics().items():
+        print(f"{name:16} {value if not isinstance(value, float) else f'{value:.3f}'}")
+    misses = [r for r in report.results if r.rank is None]
+    if misses:
+        print(f"\nmissed within top {k}:")
+        for r in misses:
+            print(f"  line {r.item.line}: {r.item.question}")
+    unsupported = [(r, s) for r in report.results for s in r.unsupported]
+    if unsupported:
+        print("\nanswer sentences not supported by the retrieved text (best effort):")
+        for r, sentence in unsupported:
+            print(f"  line {r.item.line}: {sentence}")
