@@ -2,7 +2,7 @@
 
 Prints a table and appends one JSON line per figure to --out. Run:
 
-    HF_HUB_OFFLINE=1 python bench/bench_rag.py [--sizes 10000 100000] [--queries 200] [--out bench_rag.jsonl]
+    HF_HUB_OFFLINE=1 python bench/bench_rag.py [--sizes 10000 100000] [--queries 200] [--out runs/bench_rag.jsonl]
 
 What is measured:
 - ingest: real Markdown files through the whole pipeline (read, chunk with the MiniLM tokenizer,
@@ -42,6 +42,7 @@ K = 10
 
 
 def record(out: Path, **figure: object) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as f:
         f.write(json.dumps(figure) + "\n")
 
@@ -173,7 +174,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--ingest-docs", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=Path("bench_rag.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_rag.jsonl"))
     args = parser.parse_args()
     # Latency figures mean little without the machine's state: other work on the cores slows
     # torch's threads much more than a single-threaded scan.

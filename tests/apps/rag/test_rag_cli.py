@@ -55,9 +55,17 @@ def test_ingest_json_schema_and_rerun(handbook, generator_dir):
     assert len(again["unchanged"]) == 12 and again["added"] == again["updated"] == [] and again["chunks_written"] == 0
 
 
-def test_query_json_schema_without_generation(handbook):
+def test_query_prints_ranked_chunks_as_json(handbook):
     index, _ = handbook
-    out = _run("query", "--index", str(index), "How long do I have to hand in receipts?", "--k", "3", "--no-generate", "--json")
+    rows = _run("query", "--index", str(index), "How long do I have to hand in receipts?", "--k", "3", "--json")
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"rank", "score", "source", "text", "citation", "method"}
+    assert rows[0]["source"].endswith("handbook/expenses.md") and rows[0]["score"] >= rows[1]["score"]
+
+
+def test_ask_json_schema_without_generation(handbook):
+    index, _ = handbook
+    out = _run("ask", "--index", str(index), "How long do I have to hand in receipts?", "--k", "3", "--no-generate", "--json")
     assert set(out) == {"question", "answer", "abstained", "relevance", "threshold", "citations", "retrieval"}
     assert out["abstained"] is False and out["answer"] is None and out["threshold"] == 0.30
     assert [c["n"] for c in out["citations"]] == [1, 2, 3]
@@ -77,24 +85,24 @@ def test_abstains_below_threshold_without_calling_the_model(handbook, generator_
 
     monkeypatch.setattr(alignkit.models, "generate", must_not_generate)
     index, _ = handbook
-    out = _run("query", "--index", str(index), ABSENT, "--mode", mode, "--model", str(generator_dir), "--json")
+    out = _run("ask", "--index", str(index), ABSENT, "--mode", mode, "--model", str(generator_dir), "--json")
     assert out["abstained"] is True and out["citations"] == []
     assert out["relevance"] < out["threshold"] == 0.30
     assert out["answer"].startswith("I don't know")
     assert len(out["retrieval"]) == 4  # what was found is still shown
     # Lowering the threshold below the score lets the question through.
-    low = _run("query", "--index", str(index), ABSENT, "--mode", mode, "--min-score", "-1", "--no-generate", "--json")
+    low = _run("ask", "--index", str(index), ABSENT, "--mode", mode, "--min-score", "-1", "--no-generate", "--json")
     assert low["abstained"] is False
 
 
-def test_query_generates_with_citations(handbook, generator_dir):
+def test_ask_generates_with_citations(handbook, generator_dir):
     index, _ = handbook
-    out = _run("query", "--index", str(index), "How many paid vacation days do I get each year?",
+    out = _run("ask", "--index", str(index), "How many paid vacation days do I get each year?",
                "--model", str(generator_dir), "--max-new-tokens", "16", "--device", "cpu", "--json")
     assert out["abstained"] is False and isinstance(out["answer"], str)
     assert 1 <= len(out["citations"]) <= 4
     assert any(c["source"].endswith("handbook/vacation.md") for c in out["citations"])
-    text = runner.invoke(rag_app, ["query", "--index", str(index), "When is my trial period over?", "--model",
+    text = runner.invoke(rag_app, ["ask", "--index", str(index), "When is my trial period over?", "--model",
                                    str(generator_dir), "--max-new-tokens", "8", "--device", "cpu"])
     assert text.exit_code == 0 and "Sources:" in text.stdout and "[1] " in text.stdout
 

@@ -110,7 +110,7 @@ class Answer:
         return {int(n) for n in _CITATION.findall(self.answer) if 1 <= int(n) <= len(self.passages)}
 
     def to_json(self) -> dict:
-        """{"question", "answer", "abstained", "relevance", "threshold", "citations", "retrieval"} (see `rag query --help`)."""
+        """{"question", "answer", "abstained", "relevance", "threshold", "citations", "retrieval"} (see `rag ask --help`)."""
         cited = self.cited()
         return {
             "question": self.question,

@@ -17,7 +17,8 @@ from alignkit.apps.rag.answer import DEFAULT_ANSWER_TOKENS, DEFAULT_MIN_SCORE, a
 rag_app = typer.Typer(
     help="Retrieval-augmented generation: ingest documents into an index, ask questions with cited answers, "
          "evaluate retrieval.\n\nStart with `alignkit rag ingest docs/ --index rag.db`, then "
-         "`alignkit rag query --index rag.db \"your question\"`.",
+         "`alignkit rag query --index rag.db \"your question\"` (ranked chunks) or `alignkit rag ask ...` "
+         "(an answer with citations).",
     no_args_is_help=True)
 
 MODEL_HELP = ("Generator: 'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "
@@ -112,6 +113,33 @@ def ingest_cmd(
 
 @rag_app.command("query")
 def query_cmd(
+    question: str = typer.Argument(..., help="The question to search for."),
+    index: Path = typer.Option(..., "--index", help="Index file written by `alignkit rag ingest`."),
+    k: int = typer.Option(5, "--k", help="How many chunks to return."),
+    mode: str = typer.Option("hybrid", help=MODE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {\"rank\", \"score\", \"source\", "
+                                 "\"text\", \"citation\", \"method\"}, best first."),
+):
+    """Print the ranked chunks for a question, with scores and sources (no model involved).
+
+    Example: alignkit rag query --index rag.db "How many vacation days do I get?" --k 5
+    """
+    from alignkit.apps.rag import search
+
+    _check_mode(mode)
+    hits = search(index, question, k=k, mode=mode)
+    rows = [{"rank": i, "score": h.score, "source": h.source, "text": h.text, "citation": h.citation,
+             "method": h.method} for i, h in enumerate(hits, start=1)]
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    for r in rows:
+        print(f"[{r['rank']}] {r['score']:.4f}  {r['citation']}  ({r['method']})")
+        print("    " + r["text"][:300].replace("\n", " ") + ("..." if len(r["text"]) > 300 else ""))
+
+
+@rag_app.command("ask")
+def ask_cmd(
     question: str = typer.Argument(..., help="The question to answer."),
     index: Path = typer.Option(..., "--index", help="Index file written by `alignkit rag ingest`."),
     k: int = typer.Option(4, "--k", help="Passages to retrieve and put in the prompt (fewer if the context window is full)."),
@@ -131,7 +159,7 @@ def query_cmd(
 ):
     """Answer a question from the index, citing the passages used, or say it does not know.
 
-    Example: alignkit rag query --index rag.db "How many vacation days do I get?"
+    Example: alignkit rag ask --index rag.db "How many vacation days do I get?"
     """
     _check_mode(mode)
     prompt = load_prompt(prompt_file) if prompt_file else load_prompt()
