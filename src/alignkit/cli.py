@@ -455,6 +455,15 @@ def sandbox_run(
     raise typer.Exit(cli_run(timeout=timeout, memory_mb=memory_mb, unsafe_no_sandbox=unsafe_no_sandbox))
 
 
+def _register_agent_commands():
+    from alignkit.apps.agents.cli import register
+
+    register(app)  # cot, pal
+
+
+_register_agent_commands()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # peft calls a transformers API that transformers itself deprecates; nothing a user can act on.

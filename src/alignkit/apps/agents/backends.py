@@ -1,0 +1,217 @@
+"""Chat backends: one `chat`/`stream` interface over a local model or any OpenAI-compatible HTTP endpoint.
+
+Agents, chain of thought and PAL talk to a `ChatBackend` only, so the same code runs on the embedded
+model, a fine-tuned directory or a served model (vLLM, llama.cpp server, Ollama, OpenAI itself).
+
+* `LocalBackend` runs a model through `alignkit.models` (chat template, greedy or sampled decoding).
+  Stop strings are applied to the text: the reply is cut before the first stop string. Streaming
+  uses transformers' `TextIteratorStreamer` with generation on a background thread.
+* `OpenAIBackend` POSTs to `{base_url}/chat/completions`; with streaming it reads the server-sent
+  events (`data: {...}` lines, ending with `data: [DONE]`). The API key is read from an environment
+  variable at each request and only ever sent in the Authorization header: never stored, printed
+  or put into an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Iterator, Protocol
+
+import httpx
+
+from alignkit.errors import AlignkitError
+
+
+class BackendError(AlignkitError):
+    """A backend could not produce a reply: HTTP error, timeout, unreachable server, malformed answer."""
+
+
+class ChatBackend(Protocol):
+    """Anything that answers a list of chat messages [{"role", "content"}, ...] with text."""
+
+    def chat(self, messages: list[dict], *, max_tokens: int, temperature: float,
+             stop: list[str] | None = None) -> str: ...
+
+    def stream(self, messages: list[dict], *, max_tokens: int, temperature: float,
+               stop: list[str] | None = None) -> Iterator[str]: ...
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop or [] if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _cancellable_streamer(tokenizer):
+    from transformers import TextIteratorStreamer
+
+    class CancellableStreamer(TextIteratorStreamer):
+        # Raising inside put() is the only way to end model.generate early from outside: the
+        # consumer sets `cancelled` when a stop string appears or when it stops iterating.
+        cancelled = False
+
+        def put(self, value):
+            if self.cancelled:
+                raise _Cancelled
+            super().put(value)
+
+    return CancellableStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+class LocalBackend:
+    """A model loaded by `alignkit.models.load_model`: 'embedded', an HF directory, an adapter directory, a .gguf."""
+
+    def __init__(self, model_spec: str = "embedded", *, device: str = "auto"):
+        from alignkit.models import load_model
+
+        self.name = model_spec
+        self.model, self.tokenizer = load_model(model_spec, device=device)
+
+    @classmethod
+    def from_loaded(cls, model, tokenizer, name: str = "local") -> LocalBackend:
+        """Wrap a (model, tokenizer) pair that is already in memory."""
+        backend = cls.__new__(cls)
+        backend.name, backend.model, backend.tokenizer = name, model, tokenizer
+        return backend
+
+    def chat(self, messages: list[dict], *, max_tokens: int, temperature: float,
+             stop: list[str] | None = None) -> str:
+        from alignkit.models import generate
+
+        out = generate(self.model, self.tokenizer, [messages], max_new_tokens=max_tokens,
+                       temperature=temperature)
+        return cut_at_stop(out.texts[0], stop).strip()
+
+    def stream(self, messages: list[dict], *, max_tokens: int, temperature: float,
+               stop: list[str] | None = None) -> Iterator[str]:
+        """Yield pieces of the reply as they are decoded; with greedy decoding they join to `chat()`'s text.
+
+        Leading and trailing whitespace is dropped, as `chat()` does, and text that could be the start
+        of a stop string is held back until it is known not to be one.
+        """
+        from alignkit.models import generate
+
+        streamer = _cancellable_streamer(self.tokenizer)
+        failure: list[BaseException] = []
+
+        def run():
+            try:
+                generate(self.model, self.tokenizer, [messages], max_new_tokens=max_tokens,
+                         temperature=temperature, streamer=streamer)
+            except _Cancelled:
+                streamer.text_queue.put(streamer.stop_signal)
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                failure.append(e)
+                streamer.text_queue.put(streamer.stop_signal)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        stops = [s for s in stop or [] if s]
+        hold = max((len(s) for s in stops), default=1) - 1
+        text, emitted = "", 0
+        try:
+            for piece in streamer:
+                text = (text + piece).lstrip()
+                if stops and cut_at_stop(text, stops) != text:
+                    streamer.cancelled = True
+                    break
+                safe = min(len(text.rstrip()), len(text) - hold)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+        finally:
+            streamer.cancelled = True
+            thread.join()
+        if failure:
+            raise failure[0]
+        final = cut_at_stop(text, stops).strip()
+        if len(final) > emitted:
+            yield final[emitted:]
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible chat completions endpoint, e.g. base_url="http://127.0.0.1:8000/v1"."""
+
+    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
+                 timeout: float = 60.0):
+        self.base_url = base_url.rstrip("/")
+        self.name = model
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(base_url={self.base_url!r}, model={self.name!r}, api_key_env={self.api_key_env!r})"
+
+    def _request(self, messages, max_tokens, temperature, stop, stream) -> tuple[str, dict, dict]:
+        body = {"model": self.name, "messages": messages, "max_tokens": max_tokens,
+                "temperature": temperature}
+        if stop:
+            body["stop"] = stop
+        if stream:
+            body["stream"] = True
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:  # servers on localhost often need no key; send none rather than an empty one
+            headers["Authorization"] = f"Bearer {key}"
+        return f"{self.base_url}/chat/completions", body, headers
+
+    def _fail(self, url: str, e: Exception) -> BackendError:
+        # Messages name the URL and the cause only: the request headers (the key) never appear.
+        if isinstance(e, httpx.TimeoutException):
+            return BackendError(f"POST {url}: no response within {self.timeout:g} s (timeout); is the "
+                                "server overloaded, or is max_tokens too large?")
+        if isinstance(e, httpx.ConnectError):
+            return BackendError(f"POST {url}: cannot connect ({e}); is the server running at {self.base_url}?")
+        return BackendError(f"POST {url}: {type(e).__name__}: {e}")
+
+    @staticmethod
+    def _http_error(url: str, status: int, body: str) -> BackendError:
+        hint = {401: " (check the API key environment variable)", 404: " (check base_url and the model name)",
+                429: " (rate limited: retry later)"}.get(status, "")
+        return BackendError(f"POST {url}: HTTP {status}{hint}: {body.strip()[:500]}")
+
+    def chat(self, messages: list[dict], *, max_tokens: int, temperature: float,
+             stop: list[str] | None = None) -> str:
+        url, body, headers = self._request(messages, max_tokens, temperature, stop, stream=False)
+        try:
+            response = httpx.post(url, json=body, headers=headers, timeout=self.timeout)
+        except httpx.HTTPError as e:
+            raise self._fail(url, e) from None
+        if response.status_code >= 400:
+            raise self._http_error(url, response.status_code, response.text)
+        try:
+            return response.json()["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise BackendError(f"POST {url}: the reply is not a chat completion: {response.text[:500]}") from None
+
+    def stream(self, messages: list[dict], *, max_tokens: int, temperature: float,
+               stop: list[str] | None = None) -> Iterator[str]:
+        url, body, headers = self._request(messages, max_tokens, temperature, stop, stream=True)
+        try:
+            with httpx.stream("POST", url, json=body, headers=headers, timeout=self.timeout) as response:
+                if response.status_code >= 400:
+                    raise self._http_error(url, response.status_code, response.read().decode("utf-8", "replace"))
+                for line in response.iter_lines():
+                    # SSE: only `data:` lines carry chunks; comments (":...") and blank lines are framing.
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[len("data:"):].strip()
+                    if data == "[DONE]":
+                        return
+                    try:
+                        chunk = json.loads(data)
+                        choices = chunk["choices"]
+                    except (ValueError, KeyError, TypeError):
+                        raise BackendError(f"POST {url}: malformed stream chunk: {data[:300]}") from None
+                    if choices:  # some servers send a final usage chunk with no choices
+                        piece = (choices[0].get("delta") or {}).get("content")
+                        if piece:
+                            yield piece
+        except httpx.HTTPError as e:
+            raise self._fail(url, e) from None

@@ -1,0 +1,208 @@
+"""Program-aided answering (PAL, Gao et al. 2022): the model writes Python, the sandbox computes, the model answers.
+
+The loop, top to bottom, in `run_pal`:
+
+1. Ask the model for a program with the few-shot prompt in `prompts/pal_few_shot.yaml`: reasoning
+   steps as comments, computations as code, the result stored in `answer`.
+2. Extract the code from the reply (`extract_code`) and run it in the sandbox (an OS boundary: the
+   code is untrusted).
+3. If that failed (no code, syntax error, exception, time or memory limit, no answer), feed the
+   error back to the model and ask again, at most `max_retries` more times.
+4. Give the question and the computed result to the model, which writes the final answer sentence.
+
+Where the result comes from (`PalResult.answer_source`): the program's `answer` variable; if the
+program never assigns `answer`, the last line it printed; if it printed nothing, the last variable
+it assigned at top level (the program is run with `answer = <that variable>` appended, recorded in
+`Attempt.executed_code`).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from alignkit.apps.agents.backends import ChatBackend
+from alignkit.apps.agents.cot import PROMPTS_DIR, few_shot_messages, load_prompt_file
+from alignkit.apps.agents.sandbox import SandboxResult, run_code
+
+PAL_FILE: Path = PROMPTS_DIR / "pal_few_shot.yaml"
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def _is_program(tree: ast.Module) -> bool:
+    # A lone word or number parses as Python too; a program assigns, calls, imports or loops.
+    return any(not (isinstance(s, ast.Expr) and isinstance(s.value, (ast.Name, ast.Constant)))
+               for s in tree.body)
+
+
+def _parses(code: str) -> ast.Module | None:
+    try:
+        return ast.parse(code)
+    except SyntaxError:
+        return None
+
+
+def extract_code(reply: str) -> str | None:
+    """The Python program in a model's reply, or None when there is none.
+
+    Fenced blocks (```python, ```py or a bare ```) win: the first one labelled python, else the
+    first one; an unclosed fence (the reply was cut off) runs to the end. Without fences, prose
+    lines before and after the code are trimmed until what is left parses as a program. A fenced
+    block is returned even if it does not parse, so that the syntax error can be reported back.
+    """
+    blocks = [(m.group(1).lower(), m.group(2)) for m in _FENCE.finditer(reply)]
+    blocks = [(lang, body.strip("\n")) for lang, body in blocks if body.strip()]
+    if blocks:
+        labelled = [body for lang, body in blocks if lang in ("python", "py", "python3")]
+        return (labelled or [body for _, body in blocks])[0]
+    lines = reply.strip().splitlines()
+    # Longest span first, so that code with a comment or blank line inside is kept whole.
+    for length in range(len(lines), 0, -1):
+        for start in range(len(lines) - length + 1):
+            candidate = "\n".join(lines[start:start + length]).strip()
+            tree = _parses(candidate)
+            if candidate and tree is not None and _is_program(tree):
+                return candidate
+    return None
+
+
+def last_assigned_name(tree: ast.Module) -> str | None:
+    """The name assigned by the last top-level assignment (x = ..., x += ..., x: int = ...)."""
+    for statement in reversed(tree.body):
+        targets = (statement.targets if isinstance(statement, ast.Assign)
+                   else [statement.target] if isinstance(statement, (ast.AugAssign, ast.AnnAssign)) else [])
+        for target in reversed(targets):
+            if isinstance(target, ast.Name):
+                return target.id
+    return None
+
+
+def _assigns_answer(tree: ast.Module) -> bool:
+    return any(isinstance(n, ast.Name) and n.id == "answer" and isinstance(n.ctx, ast.Store)
+               for n in ast.walk(tree))
+
+
+def _parse_printed(line: str):
+    for kind in (int, float):
+        try:
+            return kind(line.replace(",", ""))
+        except ValueError:
+            pass
+    return line
+
+
+@dataclass
+class Attempt:
+    reply: str
+    """The model's whole reply."""
+    code: str | None
+    """The program extracted from it; None when there was none."""
+    executed_code: str | None = None
+    """What ran in the sandbox: `code`, plus `answer = <last variable>` when needed (see module docstring)."""
+    sandbox: SandboxResult | None = None
+    error_kind: str | None = None
+    """None on success, else "no_code", "syntax_error", "runtime_error", "timeout", "limit" or "no_answer"."""
+    error: str | None = None
+    """A message the model (and a person) can act on."""
+
+
+@dataclass
+class PalResult:
+    question: str
+    attempts: list[Attempt] = field(default_factory=list)
+    code: str | None = None
+    """The program that produced the answer (the last attempt's when none did)."""
+    sandbox: SandboxResult | None = None
+    answer: object = None
+    """The computed result: a number, string or JSON value; None when every attempt failed."""
+    answer_source: str | None = None
+    """"answer", "printed" or "last_variable" (see the module docstring)."""
+    final_answer: str | None = None
+    """The model's answer sentence, written from `answer`; None when every attempt failed."""
+    error: str | None = None
+    """Why there is no answer, after all attempts; None on success."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, **asdict(self)}
+
+
+def _run_attempt(reply: str, timeout_s: float, memory_mb: int) -> tuple[Attempt, str | None]:
+    """Extract, check and run the program in `reply`; the Attempt and where its answer came from."""
+    code = extract_code(reply)
+    attempt = Attempt(reply=reply, code=code)
+    if code is None:
+        attempt.error_kind = "no_code"
+        attempt.error = "the reply contains no Python code; write the program in a ```python block"
+        return attempt, None
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as e:
+        attempt.error_kind = "syntax_error"
+        attempt.error = f"SyntaxError on line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
+        return attempt, None
+    executed = code
+    fallback_name = None if _assigns_answer(tree) else last_assigned_name(tree)
+    if fallback_name is not None:
+        executed = f"{code}\nanswer = {fallback_name}\n"
+    attempt.executed_code = executed
+    result = run_code(executed, timeout_s=timeout_s, memory_mb=memory_mb)
+    attempt.sandbox = result
+    if not result.ok:
+        attempt.error_kind = {"wall": "timeout", "cpu": "timeout", None: "runtime_error"}.get(result.limit, "limit")
+        detail = result.stderr.strip().splitlines()[-1:] if result.limit is None else []
+        attempt.error = result.error or (detail[0] if detail else "the program failed")
+        if attempt.error_kind == "timeout":
+            attempt.error += "; the program must finish within a few seconds"
+        return attempt, None
+    if fallback_name is None and result.result is not None:
+        return attempt, "answer"
+    if result.stdout.strip():
+        return attempt, "printed"
+    if fallback_name is not None and result.result is not None:
+        return attempt, "last_variable"
+    attempt.error_kind = "no_answer"
+    attempt.error = "the program ran but produced no result; store the final result in a variable named answer"
+    return attempt, None
+
+
+def run_pal(backend: ChatBackend, question: str, *, max_retries: int = 1, max_tokens: int = 256,
+            temperature: float = 0.0, timeout_s: float = 5.0, memory_mb: int = 256) -> PalResult:
+    """Answer `question` by having the model write a program that the sandbox runs (see the module docstring).
+
+    Failures of the model's program become error messages fed back to the model, at most
+    `max_retries` times; a sandbox that cannot start (SandboxUnavailable) is raised, not retried.
+    """
+    prompt = load_prompt_file(PAL_FILE, ("system", "user", "examples", "retry", "answer_system", "answer_user"))
+    messages = few_shot_messages(prompt, question, "code", fence="python")
+    out = PalResult(question=question)
+    for _ in range(1 + max_retries):
+        reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature)
+        attempt, source = _run_attempt(reply, timeout_s, memory_mb)
+        out.attempts.append(attempt)
+        out.code, out.sandbox = attempt.code, attempt.sandbox
+        if attempt.error is None:
+            if source == "printed":
+                last_line = [line for line in attempt.sandbox.stdout.splitlines() if line.strip()][-1]
+                out.answer = _parse_printed(last_line.strip())
+            else:
+                out.answer = attempt.sandbox.result
+            out.answer_source = source
+            break
+        messages = messages + [{"role": "assistant", "content": reply},
+                               {"role": "user", "content": prompt["retry"].format(error=attempt.error)}]
+    else:
+        tries = len(out.attempts)
+        out.error = f"no answer after {tries} attempt{'s' if tries > 1 else ''}: {out.attempts[-1].error}"
+        return out
+    answer_messages = [
+        {"role": "system", "content": prompt["answer_system"]},
+        {"role": "user", "content": prompt["answer_user"].format(question=question, code=out.code,
+                                                                 result=out.answer)}]
+    out.final_answer = backend.chat(answer_messages, max_tokens=max_tokens, temperature=temperature).strip()
+    return out
