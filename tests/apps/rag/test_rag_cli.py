@@ -136,3 +136,25 @@ def test_eval_reports_bad_qa_lines(handbook, tmp_path):
     result = runner.invoke(rag_app, ["eval", "--index", str(index), "--qa", str(qa)])
     assert isinstance(result.exception, DataError)
     assert "line 2: 'question'" in str(result.exception) and "line 3: invalid JSON" in str(result.exception)
+
+
+def test_ingest_with_a_chosen_embedder_directory(tmp_path, generator_dir):
+    """--embedder takes any local sentence-transformers folder; the index records it and queries use it."""
+    from alignkit.apps.rag import SqliteVecStore
+    from alignkit.apps.rag.embed import default_model_dir
+
+    folder = tmp_path / "my-embedder"
+    shutil.copytree(default_model_dir(), folder)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(CORPUS / "docs" / "handbook" / "expenses.md", docs / "expenses.md")
+    index = tmp_path / "rag.db"
+    out = _run("ingest", str(docs), "--index", str(index), "--model", str(generator_dir), "--embedder", str(folder), "--json")
+    assert len(out["added"]) == 1
+    store = SqliteVecStore(index)
+    try:
+        assert store.embedder_name == str(folder.resolve())
+    finally:
+        store.close()
+    rows = _run("query", "--index", str(index), "How long do I have to hand in receipts?", "--mode", "dense", "--json")
+    assert rows and rows[0]["source"].endswith("expenses.md")

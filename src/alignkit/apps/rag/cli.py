@@ -69,6 +69,9 @@ def ingest_cmd(
     chunk_tokens: int = typer.Option(256, help="Largest chunk, in the generator's tokens (at least 16)."),
     overlap: int = typer.Option(32, help="Tokens of trailing sentences repeated at the start of the next chunk "
                                          "(at most chunk-tokens / 2)."),
+    embedder_dir: Optional[Path] = typer.Option(None, "--embedder", help="A local sentence-transformers model "
+                                                "directory (default: the shipped all-MiniLM-L6-v2). The index "
+                                                "records it; queries use the same one."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {\"index\", \"added\", \"updated\", "
                                  "\"unchanged\", \"removed\" (lists of sources), \"skipped\" ([{\"source\", \"reason\", "
                                  "\"location\"}]), \"chunks_written\", \"chunks_removed\", \"embedded\", "
@@ -88,7 +91,7 @@ def ingest_cmd(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     tokenizer = _tokenizer(model)
-    embedder = load_embedder(DEFAULT_MODEL_NAME)
+    embedder = load_embedder(str(embedder_dir.resolve()) if embedder_dir else DEFAULT_MODEL_NAME)
     total = IngestReport(index_path="")
     # ingest() treats each source independently, so one call per source gives the same result
     # and lets the bar advance as each source finishes.
