@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import typer
 
-from alignkit.config import DPOConfig, RewardConfig, SFTConfig, field_help
+from alignkit.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, field_help
 from alignkit.errors import AlignkitError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model loads from local files
@@ -29,7 +29,7 @@ app = typer.Typer(
          "`alignkit train RECIPE --help` lists every config key with its default.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]})
-train_app = typer.Typer(help="Train a model: sft, reward, dpo.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: sft, reward, dpo, ppo.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and convert models.", no_args_is_help=True)
 prefs_app = typer.Typer(help="Preference data: sample candidates, validate, rankings -> pairs, AI judging.",
                         no_args_is_help=True)
@@ -233,6 +233,22 @@ def train_dpo(
     from alignkit.recipes import dpo
 
     _train(DPOConfig, dpo.main, config, overrides, resume, overwrite)
+
+
+@train_app.command("ppo", epilog=_epilog(PPOConfig))
+def train_ppo(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: Optional[Path] = CONFIG_OPT, resume: Optional[Path] = RESUME_OPT, overwrite: bool = OVERWRITE_OPT,
+):
+    """RLHF with PPO: LoRA policy, KL penalty against the adapter-disabled base, value head, GAE.
+
+    The reward is a reward-model run (alignkit train reward) or a judge YAML. PPO uses rollout_batch
+    and minibatch_size; micro_batch_size, grad_accum and epochs do not apply.
+    Example: alignkit train ppo --config configs/ppo.yaml reward=runs/rm max_steps=20
+    """
+    from alignkit.recipes import ppo
+
+    _train(PPOConfig, ppo.main, config, overrides, resume, overwrite)
 
 
 def _reward_dir(model: Path) -> Path:

@@ -117,6 +117,59 @@ class DPOConfig(TrainSettings):
     """Peak learning rate (AdamW); DPO wants a smaller one than SFT."""
 
 
+class PPOData(Strict):
+    prompts: Path
+    """Prompts to sample from: JSONL with a "prompt" field, or one prompt per line."""
+
+
+class PPOConfig(TrainSettings):
+    data: PPOData
+    """Prompt set."""
+    reward: Path
+    """A reward-model directory (alignkit train reward; its run directory works too) or a judge YAML
+    (components with weights, as for `alignkit prefs judge`)."""
+    rollout_batch: int = Field(8, ge=1)
+    """Prompts sampled per PPO step."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Most tokens per sampled response."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; log-probs are taken at the same temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold for rollouts."""
+    ppo_epochs: int = Field(2, ge=1)
+    """Passes over each batch of rollouts."""
+    minibatch_size: int = Field(4, ge=1)
+    """Rollouts per gradient step within a PPO epoch."""
+    clip: float = Field(0.2, gt=0)
+    """Policy ratio clip epsilon."""
+    vf_clip: float = Field(0.2, gt=0)
+    """Value clip range around the rollout-time values."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount per token."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages over each batch's response tokens."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Initial coefficient of the per-token KL penalty against the reference."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward: k1 = log p - log q, k3 = (q/p - 1) - log(q/p)."""
+    kl_target: float | None = Field(None, gt=0)
+    """Target KL per response for the adaptive controller; null keeps kl_coef fixed."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Adaptive controller horizon, in rollouts."""
+    reward_clip: float | None = Field(None, gt=0)
+    """Clip scores to [-reward_clip, reward_clip]; null leaves them."""
+    normalize_reward: bool = False
+    """Whiten scores across each rollout batch (zero mean, unit variance)."""
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    """Subtracted from the score of a response cut off at max_new_tokens without EOS."""
+    reward_threshold: float | None = None
+    """Stop early once a batch's mean score reaches this."""
+
+
 def field_help(cls: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per config key: dotted name, default and description (for --help)."""
     lines = []

@@ -74,8 +74,9 @@ def resume_state(run_dir: Path, resume: Path | None, model, optimizer, scheduler
 
 
 def checkpoint(run_dir: Path, step: int, total_steps: int, model, optimizer, scheduler, accelerator,
-               keep: int) -> None:
-    """Save step `step` (every process's RNG state included); all processes call this."""
+               keep: int, extra_state: dict | None = None) -> None:
+    """Save step `step` (every process's RNG state included); all processes call this.
+    `extra_state` (JSON-able, e.g. a KL controller) is stored in trainer_state.json."""
     from accelerate.utils import gather_object
 
     rngs = gather_object([rng_state()])
@@ -83,7 +84,7 @@ def checkpoint(run_dir: Path, step: int, total_steps: int, model, optimizer, sch
         save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", model=accelerator.unwrap_model(model),
                         optimizer=optimizer, scheduler=scheduler, rng_states=rngs,
                         state={"step": step, "total_steps": total_steps,
-                               "world_size": accelerator.num_processes}, keep=keep)
+                               "world_size": accelerator.num_processes, **(extra_state or {})}, keep=keep)
     accelerator.wait_for_everyone()
 
 

@@ -14,6 +14,15 @@ from alignkit.models.loading import load_model
 HEAD_FILE = "scalar_head.safetensors"
 
 
+def scalar_head(hidden: int) -> nn.Linear:
+    """A fresh hidden -> 1 linear head; small init so first scores are near zero and do not swamp
+    the first updates."""
+    head = nn.Linear(hidden, 1)
+    nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class ScalarHeadModel(nn.Module):
     """Backbone hidden states -> one scalar per token (`forward`) or per sequence (`score`).
 
@@ -26,10 +35,7 @@ class ScalarHeadModel(nn.Module):
         self.causal_lm = causal_lm
         hidden = causal_lm.config.hidden_size
         if head is None:
-            head = nn.Linear(hidden, 1)
-            # Small init so initial scores are near zero and do not swamp the first updates.
-            nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
-            nn.init.zeros_(head.bias)
+            head = scalar_head(hidden)
         param = next(causal_lm.parameters())
         self.head = head.to(device=param.device, dtype=torch.float32)
 

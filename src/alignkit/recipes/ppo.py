@@ -1,0 +1,205 @@
+"""RLHF with PPO: sample, score, penalise KL to the frozen reference, update policy and value head.
+
+    alignkit train ppo --config configs/ppo.yaml [key=value ...] [--resume RUN_DIR]
+
+Each step, top to bottom:
+  1. rollout: sample responses for a batch of prompts; score them (reward model or judge); take
+     log-probs under the policy and under the reference (the same weights with the LoRA adapter
+     disabled, so no second model is in memory) and values from the value head;
+  2. rewards: per-token -kl_coef * KL plus the score on the last token; GAE advantages and returns;
+  3. update: ppo_epochs passes of clipped policy loss + vf_coef * clipped value loss over minibatches.
+The value head shares the policy's backbone and adapter. Everything random is seeded by (seed, step),
+so a run resumed from a checkpoint (adapter, value head, optimizer, KL controller, RNG, step)
+repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.config import PPOConfig
+from alignkit.data.batching import global_batch
+from alignkit.data.prompts import load_prompts
+from alignkit.errors import AlignkitError
+from alignkit.io import JsonlLog
+from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
+from alignkit.losses.ppo import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
+from alignkit.models import ScalarHeadModel, generate, save_model
+from alignkit.models.generation import left_pad
+from alignkit.models.heads import scalar_head
+from alignkit.runs import METRICS_FILE
+from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
+                               resume_state)
+
+
+def load_reward(path: Path, device):
+    """A function (prompts, completions) -> list of scores, from a reward-model dir or a judge YAML."""
+    if path.suffix in (".yaml", ".yml"):
+        from alignkit.evaluate.judges import load_judge
+
+        judge = load_judge(path)
+        return judge.score, judge.name
+    from alignkit.models.heads import HEAD_FILE
+
+    rm_dir = path if (path / HEAD_FILE).is_file() else path / "final"
+    rm, tok = ScalarHeadModel.from_pretrained(rm_dir, device=device)
+    rm.eval()
+    return (lambda prompts, completions: rm.score_texts(tok, prompts, completions)), f"reward model {path}"
+
+
+def forward(model, value_head, ids, mask, temperature):
+    """Per-token log-probs of the next token (B, T-1) at the sampling temperature, and values (B, T-1)."""
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+    logp = torch.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)
+    logp = logp.gather(2, ids[:, 1:, None]).squeeze(2)
+    values = value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
+    return logp, values
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Unique n-grams over all n-grams of the batch's responses: low means repetitive output."""
+    grams = [tuple(t.split()[i:i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
+    """Run PPO; returns the run directory (final/ holds the policy adapter and the value head)."""
+    # ---- setup ---------------------------------------------------------------------------------
+    if not cfg.lora.enabled:
+        raise AlignkitError("PPO needs lora.enabled=true: the reference is the base model with the adapter disabled")
+    if cfg.minibatch_size > cfg.rollout_batch:
+        raise AlignkitError(f"minibatch_size {cfg.minibatch_size} is larger than rollout_batch {cfg.rollout_batch}")
+    accelerator = make_accelerator(cfg)
+    if accelerator.num_processes > 1:
+        raise AlignkitError("PPO runs in one process for now; start it without accelerate launch / torchrun")
+    device, main_proc = accelerator.device, accelerator.is_main_process
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = load_trainable(cfg, device)
+    value_head = scalar_head(policy.config.hidden_size).to(device)  # on the policy's own hidden states
+    prompts = load_prompts(cfg.data.prompts)
+    if len(prompts) < cfg.rollout_batch:
+        raise AlignkitError(f"{cfg.data.prompts}: {len(prompts)} prompts, fewer than rollout_batch {cfg.rollout_batch}")
+    score_fn, reward_name = load_reward(cfg.reward, device)
+    total_steps = cfg.max_steps or 100
+    steps_per_epoch = len(prompts) // cfg.rollout_batch
+
+    run_dir = open_run_dir(cfg, "ppo", resume, overwrite, accelerator)
+    modules = torch.nn.ModuleDict({"policy": policy, "value_head": value_head})
+    params = [p for p in modules.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+              else FixedKLController(cfg.kl_coef))
+    start_step = resume_state(run_dir, resume, modules, optimizer, scheduler, accelerator)
+    if start_step:
+        import json
+
+        state = json.loads((run_dir / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").read_text())
+        kl_ctl.load_state_dict(state["kl_controller"])
+    metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
+    print(f"ppo: policy {cfg.model} (LoRA r={cfg.lora.r}) | reward: {reward_name} | {len(prompts)} prompts, "
+          f"{cfg.rollout_batch} per step | {total_steps} steps | run dir {run_dir}"
+          + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
+    kl_fn = kl_k1 if cfg.kl_estimator == "k1" else kl_k3
+    eos = tokenizer.eos_token_id
+
+    t0 = time.time()
+    bar = tqdm(total=total_steps, initial=start_step, desc="ppo", unit="step")
+    stopped_early = False
+    for step in range(start_step, total_steps):
+        # ---- 1. rollout ------------------------------------------------------------------------
+        batch_prompts = [prompts[i] for i in global_batch(step, len(prompts), cfg.rollout_batch, steps_per_epoch, cfg.seed)]
+        policy.eval()
+        gen = generate(policy, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step)
+        responses = [toks if toks else [eos] for toks in gen.tokens]  # an empty response still gets a reward
+        seqs = [p + r for p, r in zip(gen.prompt_ids, responses)]
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id, device)
+        width = ids.shape[1]
+        # response positions in the (B, T-1) next-token layout: token at position t is predicted at t-1
+        starts = torch.tensor([width - len(r) for r in responses], device=device)
+        resp_mask = (torch.arange(1, width, device=device)[None, :] >= starts[:, None]).float()
+        with torch.no_grad():
+            old_logp, old_values = forward(policy, value_head, ids, mask, cfg.temperature)
+            with policy.disable_adapter():
+                ref_logp, _ = forward(policy, value_head, ids, mask, cfg.temperature)
+        scores = torch.tensor(score_fn(batch_prompts, gen.texts), dtype=torch.float32, device=device)
+        raw_scores = scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores -= cfg.missing_eos_penalty * torch.tensor([not f for f in gen.finished], device=device).float()
+        if cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if cfg.normalize_reward and len(scores) > 1:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+
+        # ---- 2. rewards and advantages ---------------------------------------------------------
+        kl = kl_fn(old_logp, ref_logp) * resp_mask  # (B, T-1)
+        rewards = token_rewards(scores, kl, kl_ctl.coef, resp_mask)
+        advantages, returns = gae(rewards, old_values, resp_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, resp_mask)
+
+        # ---- 3. update -------------------------------------------------------------------------
+        policy.train()
+        stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0}
+        n_updates = 0
+        order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(seqs), generator=order_gen).tolist()
+            for start in range(0, len(order), cfg.minibatch_size):
+                mb = order[start:start + cfg.minibatch_size]
+                with accelerator.autocast():
+                    logp, values = forward(policy, value_head, ids[mb], mask[mb], cfg.temperature)
+                    pg, pg_stats = policy_loss(logp, old_logp[mb], advantages[mb], resp_mask[mb], cfg.clip)
+                    vf, vf_stats = value_loss(values, old_values[mb], returns[mb], resp_mask[mb], cfg.vf_clip)
+                    accelerator.backward(pg + cfg.vf_coef * vf)
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for k, v in {"pg_loss": pg.item(), "vf_loss": vf.item(), **pg_stats, **vf_stats}.items():
+                    if k in stats:
+                        stats[k] += v
+                n_updates += 1
+        scheduler.step()
+        mean_kl = (kl.sum(dim=1)).mean().item()  # per response
+        kl_ctl.update(mean_kl, len(seqs))
+
+        # ---- log and checkpoint ----------------------------------------------------------------
+        done = step + 1
+        lengths = [len(r) for r in responses]
+        record = {"step": done, "score": round(raw_scores.mean().item(), 6),
+                  "reward": round(scores.mean().item(), 6), "kl": round(mean_kl, 6),
+                  "kl_coef": round(kl_ctl.coef, 6), "response_length": sum(lengths) / len(lengths),
+                  "eos_rate": sum(gen.finished) / len(gen.finished), "distinct_2": round(distinct_n(gen.texts), 4),
+                  **{k: round(v / n_updates, 6) for k, v in stats.items()},
+                  "advantage_mean": round(masked_mean(advantages, resp_mask).item(), 6),
+                  "elapsed_s": round(time.time() - t0, 3)}
+        metrics.write(record)
+        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{mean_kl:.3f}")
+        bar.update(1)
+        threshold_hit = cfg.reward_threshold is not None and record["score"] >= cfg.reward_threshold
+        if done % cfg.save_every == 0 or done == total_steps or threshold_hit:
+            checkpoint(run_dir, done, total_steps, modules, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
+                       extra_state={"kl_controller": kl_ctl.state_dict()})
+        if threshold_hit:
+            print(f"ppo: mean score {record['score']:.4f} reached reward_threshold {cfg.reward_threshold} "
+                  f"at step {done}; stopping", flush=True)
+            stopped_early = True
+            break
+    bar.close()
+
+    # ---- save ------------------------------------------------------------------------------------
+    final = save_model(policy, tokenizer, run_dir / "final")
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+              final / "value_head.safetensors")
+    metrics.close()
+    print(f"ppo: done in {time.time() - t0:.1f}s{' (early stop)' if stopped_early else ''} | "
+          f"policy saved to {final}", flush=True)
+    accelerator.end_training()
+    return run_dir
