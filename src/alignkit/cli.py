@@ -472,9 +472,11 @@ def sandbox_run(
 
 
 def _register_agent_commands():
+    from alignkit.apps.agents.agent_cli import register_agent
     from alignkit.apps.agents.cli import register
 
     register(app)  # cot, pal
+    register_agent(app)  # agent run, agent trace
 
 
 _register_agent_commands()

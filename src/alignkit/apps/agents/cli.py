@@ -18,7 +18,7 @@ BASE_URL_HELP = ("Use an OpenAI-compatible server instead of a local model, e.g.
 API_KEY_ENV_HELP = "Environment variable holding the server's API key (sent as a Bearer token; never printed)."
 
 
-def _backend(model: str, base_url: Optional[str], api_key_env: str, device: str):
+def make_backend(model: str, base_url: Optional[str], api_key_env: str, device: str):
     from alignkit.apps.agents.backends import LocalBackend, OpenAIBackend
 
     if base_url:
@@ -48,7 +48,7 @@ def cot(
     """
     from alignkit.apps.agents.cot import run_cot
 
-    result = run_cot(_backend(model, base_url, api_key_env, device), question, few_shot=few_shot,
+    result = run_cot(make_backend(model, base_url, api_key_env, device), question, few_shot=few_shot,
                      max_tokens=max_tokens, temperature=temperature)
     if as_json:
         print(json.dumps(result.to_dict()))
@@ -82,7 +82,7 @@ def pal(
     """
     from alignkit.apps.agents.pal import run_pal
 
-    result = run_pal(_backend(model, base_url, api_key_env, device), question, max_retries=max_retries,
+    result = run_pal(make_backend(model, base_url, api_key_env, device), question, max_retries=max_retries,
                      max_tokens=max_tokens, temperature=temperature, timeout_s=timeout)
     if as_json:
         print(json.dumps(result.to_dict(), default=str))
