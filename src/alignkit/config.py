@@ -117,6 +117,22 @@ class DPOConfig(TrainSettings):
     """Peak learning rate (AdamW); DPO wants a smaller one than SFT."""
 
 
+class MonitorSettings(Strict):
+    judge: Path | None = None
+    """Judge YAML for an independent judge scored every step (not used for the reward), e.g.
+    configs/judge_safety.yaml; its trend is compared with the reward's."""
+    max_kl: float | None = Field(None, gt=0)
+    """Warn when the mean KL per response exceeds this (nats)."""
+    length_drift: float = Field(0.5, gt=0)
+    """Warn when mean response length moves more than this fraction away from the first step."""
+    min_distinct_2: float = Field(0.3, ge=0, le=1)
+    """Warn when distinct-2 (unique bigrams / bigrams) falls below this: repetitive output."""
+    window: int = Field(3, ge=1)
+    """Steps per window when comparing the reward's and the judge's trends."""
+    stop_on_warning: bool = False
+    """Stop the run (after a checkpoint) at the first warning."""
+
+
 class PPOData(Strict):
     prompts: Path
     """Prompts to sample from: JSONL with a "prompt" field, or one prompt per line."""
@@ -168,6 +184,8 @@ class PPOConfig(TrainSettings):
     """Subtracted from the score of a response cut off at max_new_tokens without EOS."""
     reward_threshold: float | None = None
     """Stop early once a batch's mean score reaches this."""
+    monitors: MonitorSettings = MonitorSettings()
+    """Reward-hacking monitors: warnings in the log and metrics, optionally an early stop."""
 
 
 def field_help(cls: type[BaseModel], prefix: str = "") -> list[str]:

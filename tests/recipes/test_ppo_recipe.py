@@ -81,3 +81,15 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, tiny_model_dir, reward_d
     ta = json.loads((full / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     tb = json.loads((cut / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
     assert ta["kl_controller"] == tb["kl_controller"]
+
+
+def test_monitors_log_an_independent_judge_and_can_stop_the_run(tmp_path, tiny_model_dir, reward_dir):
+    judge = tmp_path / "judge.yaml"
+    judge.write_text("components:\n  - {name: tox, judge: toxicity, weight: -1.0}\n")
+    run_dir = ppo.main(config(tmp_path, tiny_model_dir, reward_dir, "mon",
+                              monitors={"judge": str(judge), "max_kl": 1e-9, "stop_on_warning": True}))
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(-1.0 <= r["judge"] <= 0.0 for r in records)
+    assert "warnings" not in records[0]  # step 1 is the reference itself: KL 0
+    assert records[-1]["warnings"][0].startswith("KL to the reference") and len(records) < 4
+    assert (run_dir / "final").is_dir()

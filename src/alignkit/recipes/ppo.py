@@ -15,6 +15,7 @@ repeats the uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from alignkit.config import PPOConfig
 from alignkit.data.batching import global_batch
 from alignkit.data.prompts import load_prompts
 from alignkit.errors import AlignkitError
+from alignkit.evaluate import monitors
 from alignkit.io import JsonlLog
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
 from alignkit.losses.ppo import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
@@ -85,6 +87,11 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     if len(prompts) < cfg.rollout_batch:
         raise AlignkitError(f"{cfg.data.prompts}: {len(prompts)} prompts, fewer than rollout_batch {cfg.rollout_batch}")
     score_fn, reward_name = load_reward(cfg.reward, device)
+    judge = None
+    if cfg.monitors.judge is not None:
+        from alignkit.evaluate.judges import load_judge
+
+        judge = load_judge(cfg.monitors.judge)
     total_steps = cfg.max_steps or 100
     steps_per_epoch = len(prompts) // cfg.rollout_batch
 
@@ -96,8 +103,6 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
               else FixedKLController(cfg.kl_coef))
     start_step = resume_state(run_dir, resume, modules, optimizer, scheduler, accelerator)
     if start_step:
-        import json
-
         state = json.loads((run_dir / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").read_text())
         kl_ctl.load_state_dict(state["kl_controller"])
     metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
@@ -110,6 +115,8 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     t0 = time.time()
     bar = tqdm(total=total_steps, initial=start_step, desc="ppo", unit="step")
     stopped_early = False
+    # Monitors compare against the whole run, including steps logged before a resume.
+    history = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()] if start_step else []
     for step in range(start_step, total_steps):
         # ---- 1. rollout ------------------------------------------------------------------------
         batch_prompts = [prompts[i] for i in global_batch(step, len(prompts), cfg.rollout_batch, steps_per_epoch, cfg.seed)]
@@ -178,16 +185,26 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
                   **{k: round(v / n_updates, 6) for k, v in stats.items()},
                   "advantage_mean": round(masked_mean(advantages, resp_mask).item(), 6),
                   "elapsed_s": round(time.time() - t0, 3)}
+        if judge is not None:
+            record["judge"] = round(sum(judge.score(batch_prompts, gen.texts)) / len(gen.texts), 6)
+        history.append(record)
+        warnings = monitors.check(history, cfg.monitors)
+        if warnings:
+            record["warnings"] = warnings
+            for w in warnings:
+                tqdm.write(f"ppo: WARNING step {done}: {w}")
         metrics.write(record)
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{mean_kl:.3f}")
         bar.update(1)
         threshold_hit = cfg.reward_threshold is not None and record["score"] >= cfg.reward_threshold
-        if done % cfg.save_every == 0 or done == total_steps or threshold_hit:
+        monitor_stop = bool(warnings) and cfg.monitors.stop_on_warning
+        if done % cfg.save_every == 0 or done == total_steps or threshold_hit or monitor_stop:
             checkpoint(run_dir, done, total_steps, modules, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
                        extra_state={"kl_controller": kl_ctl.state_dict()})
-        if threshold_hit:
-            print(f"ppo: mean score {record['score']:.4f} reached reward_threshold {cfg.reward_threshold} "
-                  f"at step {done}; stopping", flush=True)
+        if threshold_hit or monitor_stop:
+            why = (f"mean score {record['score']:.4f} reached reward_threshold {cfg.reward_threshold}"
+                   if threshold_hit else "a monitor warned and monitors.stop_on_warning is set")
+            print(f"ppo: {why} at step {done}; stopping", flush=True)
             stopped_early = True
             break
     bar.close()
