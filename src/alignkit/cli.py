@@ -42,8 +42,15 @@ def _rag_app():
     return rag_app
 
 
+def _compress_app():
+    from alignkit.compress.cli import compress_app
+
+    return compress_app
+
+
 for sub, name in ((train_app, "train"), (models_app, "models"), (prefs_app, "prefs"), (label_app, "label"),
-                  (reward_app, "reward"), (_rag_app(), "rag"), (sandbox_app, "sandbox")):
+                  (reward_app, "reward"), (_compress_app(), "compress"), (_rag_app(), "rag"),
+                  (sandbox_app, "sandbox")):
     app.add_typer(sub, name=name)
 
 MODEL_HELP = ("'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "

@@ -1,0 +1,1 @@
+"""Model compression: post-training weight quantization with calibration reports."""
