@@ -491,6 +491,11 @@ _register_agent_commands()
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # torchao (imported by peft and transformers when installed) logs that its CUDA kernels failed to
+    # load on CPU-only machines: harmless, and nothing a user can act on.
+    # The same import makes torch warn about torchao's Enum registrations (a deprecation inside torchao).
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     # peft calls a transformers API that transformers itself deprecates; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
