@@ -88,6 +88,29 @@ def checkpoint(run_dir: Path, step: int, total_steps: int, model, optimizer, sch
     accelerator.wait_for_everyone()
 
 
+def pairwise_backward(model, micro_batches: list[list], terms, accelerator, n_global: int) -> dict:
+    """Backward pass of a pairwise objective over this process's micro-batches of one optimizer step.
+
+    The gradient is that of the mean loss over the whole global batch of `n_global` pairs (DDP
+    averages over processes, hence the factor `num_processes`); gradients are synchronised on the
+    last micro-batch only. Returns the global batch's mean loss, accuracy and margin.
+    """
+    import contextlib
+
+    world = accelerator.num_processes
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, margin
+    for j, batch in enumerate(micro_batches):
+        sync = j == len(micro_batches) - 1
+        with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+            per_pair, margin = terms(model, batch)
+            accelerator.backward(per_pair.sum() * world / n_global)
+        sums += torch.stack([per_pair.detach().sum().double(), (margin > 0).sum().double(),
+                             margin.detach().sum().double()])
+    sums = accelerator.reduce(sums, reduction="sum") / n_global
+    return {"loss": round(sums[0].item(), 6), "accuracy": round(sums[1].item(), 6),
+            "margin": round(sums[2].item(), 6)}
+
+
 def evaluate_pairs(model, pairs: list, micro: int, terms, accelerator) -> dict:
     """Held-out loss, accuracy and margin of a pairwise objective, split across processes.
 

@@ -10,7 +10,6 @@ intends. Its log-probs are computed once, up front, so no second model sits in m
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from alignkit.models.generation import left_pad
 from alignkit.models.logprobs import sequence_logprob
 from alignkit.runs import METRICS_FILE
 from alignkit.training import (checkpoint, evaluate_pairs, load_trainable, make_accelerator, make_optimizer,
-                               open_run_dir, resume_state)
+                               open_run_dir, pairwise_backward, resume_state)
 
 
 def encode(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
@@ -121,26 +120,16 @@ def main(cfg: DPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     bar = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not main_proc, unit="step")
     for step in range(start_step, total_steps):
         indices = global_batch(step, len(train), global_size, steps_per_epoch, cfg.seed)
-        sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, margin
-        micro_batches = my_micro_batches(indices, cfg.micro_batch_size, cfg.grad_accum, rank)
-        for j, micro in enumerate(micro_batches):
-            batch = [train[i] for i in micro]
-            sync = j == len(micro_batches) - 1
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                per_pair, margin = terms(model, batch)
-                # Mean over the global batch: DDP averages over processes, so scale by `world`.
-                accelerator.backward(per_pair.sum() * world / len(indices))
-            sums += torch.stack([per_pair.detach().sum().double(), (margin > 0).sum().double(),
-                                 margin.detach().sum().double()])
+        micro_batches = [[train[i] for i in micro]
+                         for micro in my_micro_batches(indices, cfg.micro_batch_size, cfg.grad_accum, rank)]
+        stats = pairwise_backward(model, micro_batches, terms, accelerator, len(indices))
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        sums = accelerator.reduce(sums, reduction="sum") / len(indices)
         done = step + 1
-        record = {"step": done, "loss": round(sums[0].item(), 6), "accuracy": round(sums[1].item(), 6),
-                  "margin": round(sums[2].item(), 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+        record = {"step": done, **stats, "lr": lr, "grad_norm": round(float(grad_norm), 6),
                   "elapsed_s": round(time.time() - t0, 3)}
         if evals and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
             record.update(run_eval())
