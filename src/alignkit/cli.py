@@ -258,6 +258,51 @@ def train_ppo(
     _train(PPOConfig, ppo.main, config, overrides, resume, overwrite)
 
 
+@app.command("eval")
+def eval_models(
+    models: str = typer.Option(..., help="Comma-separated name=model pairs, e.g. before=embedded,after=runs/ppo1/final; "
+                                         "win rates are against the first."),
+    prompts: Path = typer.Option(..., help="Held-out prompts: JSONL with a 'prompt' field, or one per line."),
+    reward: Optional[Path] = typer.Option(None, help="Reward-model run or directory, or a judge YAML, for mean reward."),
+    judge: Optional[Path] = typer.Option(None, help="Independent judge YAML for judge scores and win rates "
+                                                    "(one not used as the training reward)."),
+    max_new_tokens: int = typer.Option(48, help="Most tokens per completion (greedy decoding)."),
+    out: Optional[Path] = typer.Option(None, help="Write the report (metrics and completions) as JSON here."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+):
+    """Compare models on held-out prompts: reward, KL to the base (adapters), toxicity (mean and share
+    above 0.5), sentiment, length, distinct-2, and win rate by an independent judge.
+
+    Example: alignkit eval --models before=embedded,after=runs/ppo1/final --prompts held_out.txt \\
+             --reward runs/rm --judge configs/judge_safety.yaml
+    """
+    from alignkit.data.prompts import load_prompts
+    from alignkit.evaluate.compare import evaluate_models
+    from alignkit.io import atomic_write_text
+    from alignkit.evaluate.judges import load_reward
+
+    pairs = [item.split("=", 1) for item in models.split(",") if item]
+    if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+        raise AlignkitError(f"--models: expected name=model[,name=model...], got {models!r}")
+    reward_fn = load_reward(reward, device)[0] if reward else None
+    judge_fn = None
+    if judge is not None:
+        from alignkit.evaluate.judges import load_judge
+
+        judge_fn = load_judge(judge).score
+    reports = evaluate_models(dict(pairs), load_prompts(prompts), reward=reward_fn, judge=judge_fn,
+                              max_new_tokens=max_new_tokens, device=device)
+    keys = list(dict.fromkeys(k for r in reports for k in r.metrics))
+    print(f"{'metric':<28}" + "".join(f"{r.name:>14}" for r in reports))
+    for k in keys:
+        cells = [r.metrics.get(k) for r in reports]
+        print(f"{k:<28}" + "".join(f"{'-' if c is None else round(c, 4):>14}" for c in cells))
+    if out is not None:
+        atomic_write_text(out, json.dumps([{"name": r.name, "model": r.spec, "metrics": r.metrics,
+                                            "completions": r.completions} for r in reports], indent=2))
+        print(f"report written to {out}")
+
+
 def _reward_dir(model: Path) -> Path:
     """Accept a run directory (uses its final/) or a saved reward-model directory."""
     from alignkit.models.heads import HEAD_FILE

@@ -573,3 +573,17 @@ def load_judge(path: Path | None = None, overrides: list[str] | None = None,
                base: dict | None = None) -> ComposedJudge:
     """A composed judge from a YAML file (or a dict) plus key=value overrides; ConfigError names the field."""
     return build_judge(load_config(JudgeConfig, path, overrides, base))
+
+
+def load_reward(path: Path, device):
+    """A function (prompts, completions) -> list of scores, from a reward-model dir or a judge YAML."""
+    if path.suffix in (".yaml", ".yml"):
+        judge = load_judge(path)
+        return judge.score, judge.name
+    from alignkit.models import ScalarHeadModel
+    from alignkit.models.heads import HEAD_FILE
+
+    rm_dir = path if (path / HEAD_FILE).is_file() else path / "final"
+    rm, tok = ScalarHeadModel.from_pretrained(rm_dir, device=device)
+    rm.eval()
+    return (lambda prompts, completions: rm.score_texts(tok, prompts, completions)), f"reward model {path}"

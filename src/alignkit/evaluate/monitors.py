@@ -38,3 +38,9 @@ def check(history: list[dict], s: MonitorSettings) -> list[str]:
             out.append(f"reward and independent judge diverge over the last {2 * s.window} steps: "
                        f"score {d_score:+.3f}, judge {d_judge:+.3f}")
     return out
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Unique n-grams over all n-grams of the batch's responses: low means repetitive output."""
+    grams = [tuple(t.split()[i:i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -27,30 +27,17 @@ from alignkit.data.batching import global_batch
 from alignkit.data.prompts import load_prompts
 from alignkit.errors import AlignkitError
 from alignkit.evaluate import monitors
+from alignkit.evaluate.judges import load_reward
+from alignkit.evaluate.monitors import distinct_n
 from alignkit.io import JsonlLog
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
 from alignkit.losses.ppo import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
-from alignkit.models import ScalarHeadModel, generate, save_model
+from alignkit.models import generate, save_model
 from alignkit.models.generation import left_pad
 from alignkit.models.heads import scalar_head
 from alignkit.runs import METRICS_FILE
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
-
-
-def load_reward(path: Path, device):
-    """A function (prompts, completions) -> list of scores, from a reward-model dir or a judge YAML."""
-    if path.suffix in (".yaml", ".yml"):
-        from alignkit.evaluate.judges import load_judge
-
-        judge = load_judge(path)
-        return judge.score, judge.name
-    from alignkit.models.heads import HEAD_FILE
-
-    rm_dir = path if (path / HEAD_FILE).is_file() else path / "final"
-    rm, tok = ScalarHeadModel.from_pretrained(rm_dir, device=device)
-    rm.eval()
-    return (lambda prompts, completions: rm.score_texts(tok, prompts, completions)), f"reward model {path}"
 
 
 def forward(model, value_head, ids, mask, temperature):
@@ -61,12 +48,6 @@ def forward(model, value_head, ids, mask, temperature):
     logp = logp.gather(2, ids[:, 1:, None]).squeeze(2)
     values = value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
     return logp, values
-
-
-def distinct_n(texts: list[str], n: int = 2) -> float:
-    """Unique n-grams over all n-grams of the batch's responses: low means repetitive output."""
-    grams = [tuple(t.split()[i:i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:

@@ -1,0 +1,72 @@
+"""Side-by-side evaluation of models on held-out prompts: reward, KL to the reference, toxicity,
+sentiment, length, distinct-n and win-rate by an independent judge (`alignkit eval`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from alignkit.evaluate.judges import SentimentJudge, ToxicityJudge
+from alignkit.evaluate.monitors import distinct_n
+from alignkit.models import generate, load_model
+from alignkit.models.generation import left_pad
+from alignkit.models.logprobs import token_logprobs
+
+
+@dataclass
+class ModelReport:
+    name: str
+    spec: str
+    completions: list[str] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def kl_to_base(model, prompt_ids: list[list[int]], tokens: list[list[int]], pad_id: int) -> float | None:
+    """Mean over responses of sum_t [log pi(y_t) - log ref(y_t)] (the k1 estimate of KL(pi || ref) on
+    pi's own samples), with ref = the same model with its adapter disabled; None without an adapter."""
+    if not hasattr(model, "disable_adapter"):
+        return None
+    seqs = [p + (t or [pad_id]) for p, t in zip(prompt_ids, tokens)]
+    ids, mask = left_pad(seqs, pad_id, next(model.parameters()).device)
+    width = ids.shape[1]
+    starts = torch.tensor([width - len(t or [pad_id]) for t in tokens], device=ids.device)
+    resp = (torch.arange(1, width, device=ids.device)[None, :] >= starts[:, None]).float()
+    logp = token_logprobs(model, ids, mask)
+    with model.disable_adapter():
+        ref = token_logprobs(model, ids, mask)
+    return (((logp - ref) * resp).sum(dim=1)).mean().item()
+
+
+def evaluate_models(models: dict[str, str], prompts: list[str], *, reward=None, judge=None,
+                    max_new_tokens: int = 48, device: str = "auto") -> list[ModelReport]:
+    """Generate greedily with every model on the same prompts and score the completions.
+
+    `reward` and `judge` are (prompts, completions) -> scores callables (a reward model or a judge);
+    the win rate of each model is against the first model, by the judge (ties count one half).
+    """
+    toxicity, sentiment = ToxicityJudge(), SentimentJudge()
+    reports = []
+    for name, spec in models.items():
+        model, tok = load_model(spec, device=device)
+        gen = generate(model, tok, prompts, max_new_tokens=max_new_tokens)
+        tox = toxicity.score(prompts, gen.texts)
+        m = {"response_tokens": sum(map(len, gen.tokens)) / len(gen.tokens),
+             "distinct_2": round(distinct_n(gen.texts), 4),
+             "toxicity_mean": round(sum(tox) / len(tox), 6),
+             "toxicity_share_over_0.5": sum(t > 0.5 for t in tox) / len(tox),
+             "sentiment_mean": round(sum(sentiment.score(prompts, gen.texts)) / len(prompts), 6),
+             "kl_to_base": kl_to_base(model, gen.prompt_ids, gen.tokens, tok.pad_token_id)}
+        if reward is not None:
+            m["reward_mean"] = round(sum(reward(prompts, gen.texts)) / len(prompts), 6)
+        reports.append(ModelReport(name, spec, gen.texts, m))
+        del model
+    if judge is not None:
+        base = judge(prompts, reports[0].completions)
+        for r in reports:
+            mine = base if r is reports[0] else judge(prompts, r.completions)
+            wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, base))
+            r.metrics["judge_mean"] = round(sum(mine) / len(mine), 6)
+            r.metrics[f"win_rate_vs_{reports[0].name}"] = wins / len(prompts)
+    return reports

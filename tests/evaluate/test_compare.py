@@ -1,0 +1,49 @@
+"""`alignkit eval`: models side by side on the same prompts."""
+
+import json
+import math
+
+import torch
+from typer.testing import CliRunner
+
+from alignkit.cli import app
+from alignkit.models import ScalarHeadModel, attach_lora, load_model, save_model
+
+
+def test_eval_reports_every_metric_for_every_model(tmp_path, tiny_model_dir):
+    base, tok = load_model(str(tiny_model_dir), device="cpu")
+    ScalarHeadModel(base).save_pretrained(tmp_path / "rm" / "final", tok)
+    policy = attach_lora(base, r=4, alpha=8, dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:  # make the adapter move the policy away from its base
+            p.data = torch.randn(p.shape, generator=g)
+    save_model(policy, tok, tmp_path / "after")
+    prompts = tmp_path / "held_out.txt"
+    prompts.write_text("Where is my order?\nCan I return shoes?\nHi\n")
+    judge = tmp_path / "judge.yaml"
+    judge.write_text("components:\n  - {name: tone, judge: sentiment}\n")
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["eval", "--models", f"before={tiny_model_dir},after={tmp_path / 'after'}",
+                                      "--prompts", str(prompts), "--reward", str(tmp_path / "rm"),
+                                      "--judge", str(judge), "--max-new-tokens", "6", "--out", str(out),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report] == ["before", "after"]
+    for r in report:
+        assert len(r["completions"]) == 3
+        assert {"reward_mean", "toxicity_mean", "toxicity_share_over_0.5", "sentiment_mean", "response_tokens",
+                "distinct_2", "judge_mean", "win_rate_vs_before"} <= set(r["metrics"])
+    before, after = report[0]["metrics"], report[1]["metrics"]
+    assert before["kl_to_base"] is None  # a plain model has no adapter to disable
+    assert math.isfinite(after["kl_to_base"]) and after["kl_to_base"] != 0.0
+    assert before["win_rate_vs_before"] == 0.5  # against itself every prompt is a tie
+    assert "toxicity_mean" in result.output and "win_rate_vs_before" in result.output
+
+
+def test_eval_rejects_a_bad_models_list(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi\n")
+    result = CliRunner().invoke(app, ["eval", "--models", "before", "--prompts", str(prompts)])
+    assert result.exit_code != 0 and "expected name=model" in str(result.exception)
