@@ -37,7 +37,7 @@ def test_eval_reports_every_metric_for_every_model(tmp_path, tiny_model_dir):
                 "distinct_2", "judge_mean", "win_rate_vs_before"} <= set(r["metrics"])
     before, after = report[0]["metrics"], report[1]["metrics"]
     assert before["kl_to_base"] is None  # a plain model has no adapter to disable
-    assert math.isfinite(after["kl_to_base"]) and after["kl_to_base"] != 0.0
+    assert math.isfinite(after["kl_to_base"]) and after["kl_to_base"] > 0.0  # exact KL: never negative
     assert before["win_rate_vs_before"] == 0.5  # against itself every prompt is a tie
     assert "toxicity_mean" in result.output and "win_rate_vs_before" in result.output
 

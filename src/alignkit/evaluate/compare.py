@@ -11,7 +11,6 @@ from alignkit.evaluate.judges import SentimentJudge, ToxicityJudge
 from alignkit.evaluate.monitors import distinct_n
 from alignkit.models import generate, load_model
 from alignkit.models.generation import left_pad
-from alignkit.models.logprobs import token_logprobs
 
 
 @dataclass
@@ -24,19 +23,28 @@ class ModelReport:
 
 @torch.no_grad()
 def kl_to_base(model, prompt_ids: list[list[int]], tokens: list[list[int]], pad_id: int) -> float | None:
-    """Mean over responses of sum_t [log pi(y_t) - log ref(y_t)] (the k1 estimate of KL(pi || ref) on
-    pi's own samples), with ref = the same model with its adapter disabled; None without an adapter."""
+    """Mean over responses of sum_t KL(pi(.|y_<t) || ref(.|y_<t)), the exact per-token KL over the
+    whole vocabulary at each response position (so it is >= 0 even on greedy completions, where a
+    sampled-token estimate would be biased); ref = the same model with its adapter disabled.
+    None for a model without an adapter."""
     if not hasattr(model, "disable_adapter"):
         return None
     seqs = [p + (t or [pad_id]) for p, t in zip(prompt_ids, tokens)]
     ids, mask = left_pad(seqs, pad_id, next(model.parameters()).device)
     width = ids.shape[1]
     starts = torch.tensor([width - len(t or [pad_id]) for t in tokens], device=ids.device)
-    resp = (torch.arange(1, width, device=ids.device)[None, :] >= starts[:, None]).float()
-    logp = token_logprobs(model, ids, mask)
+    resp = (torch.arange(1, width, device=ids.device)[None, :] >= starts[:, None]).float()  # (B, T-1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    def logprobs():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
+        return torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
+
+    logp = logprobs()
     with model.disable_adapter():
-        ref = token_logprobs(model, ids, mask)
-    return (((logp - ref) * resp).sum(dim=1)).mean().item()
+        ref = logprobs()
+    kl = (logp.exp() * (logp - ref)).sum(dim=-1)  # (B, T-1)
+    return ((kl * resp).sum(dim=1)).mean().item()
 
 
 def evaluate_models(models: dict[str, str], prompts: list[str], *, reward=None, judge=None,
