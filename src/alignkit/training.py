@@ -88,6 +88,64 @@ def checkpoint(run_dir: Path, step: int, total_steps: int, model, optimizer, sch
     accelerator.wait_for_everyone()
 
 
+def fit_pairwise(name: str, cfg: TrainSettings, model, train: list, evals: list, terms, accelerator, run_dir: Path,
+                 params, optimizer, scheduler, start_step: int, total_steps: int) -> tuple[dict, float]:
+    """The training loop of a pairwise objective (reward model, DPO): steps start_step..total_steps
+    with eval before, every cfg.eval_every steps and after, metrics in run_dir, checkpoints.
+
+    `terms(model, batch) -> (per-pair loss, per-pair margin)`. Returns (final eval summary, seconds).
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from alignkit.data.batching import global_batch, my_micro_batches
+    from alignkit.io import JsonlLog
+
+    main_proc = accelerator.is_main_process
+    global_size = cfg.micro_batch_size * cfg.grad_accum * accelerator.num_processes
+    steps_per_epoch = len(train) // global_size
+    metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
+
+    def run_eval() -> dict:
+        return evaluate_pairs(model, evals, cfg.micro_batch_size, terms, accelerator)
+
+    t0 = time.time()
+    if evals and start_step == 0:
+        before = run_eval()
+        if main_proc:
+            metrics.write({"step": 0, **before})
+    bar = tqdm(total=total_steps, initial=start_step, desc=name, disable=not main_proc, unit="step")
+    for step in range(start_step, total_steps):
+        indices = global_batch(step, len(train), global_size, steps_per_epoch, cfg.seed)
+        micro_batches = [[train[i] for i in micro] for micro in
+                         my_micro_batches(indices, cfg.micro_batch_size, cfg.grad_accum, accelerator.process_index)]
+        stats = pairwise_backward(model, micro_batches, terms, accelerator, len(indices))
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        record = {"step": done, **stats, "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                  "elapsed_s": round(time.time() - t0, 3)}
+        if evals and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+            record.update(run_eval())
+        if main_proc:
+            metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
+        bar.update(1)
+        if done % cfg.save_every == 0 or done == total_steps:
+            checkpoint(run_dir, done, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints)
+    bar.close()
+    summary = run_eval() if evals else {}
+    if main_proc:
+        if evals:
+            metrics.write({"step": total_steps, **summary})
+        metrics.close()
+    return summary, time.time() - t0
+
+
 def pairwise_backward(model, micro_batches: list[list], terms, accelerator, n_global: int) -> dict:
     """Backward pass of a pairwise objective over this process's micro-batches of one optimizer step.
 

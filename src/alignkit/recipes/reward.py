@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from alignkit.config import RewardConfig
-from alignkit.data.batching import global_batch, my_micro_batches
 from alignkit.data.prefs import encode_response, load_pairs
 from alignkit.errors import AlignkitError
-from alignkit.io import JsonlLog
 from alignkit.losses.reward import bradley_terry_loss, reward_centering
 from alignkit.models import ScalarHeadModel
 from alignkit.models.generation import left_pad
-from alignkit.runs import METRICS_FILE
-from alignkit.training import (checkpoint, evaluate_pairs, load_trainable, make_accelerator, make_optimizer,
-                               open_run_dir, pairwise_backward, resume_state)
+from alignkit.training import fit_pairwise, load_trainable, make_accelerator, make_optimizer, open_run_dir, resume_state
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +50,7 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
     """Train a reward model; returns the run directory (final/ loads with ScalarHeadModel.from_pretrained)."""
     # ---- setup ---------------------------------------------------------------------------------
     accelerator = make_accelerator(cfg)
-    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    world, main_proc = accelerator.num_processes, accelerator.is_main_process
     torch.manual_seed(cfg.seed)
     backbone, tokenizer = load_trainable(cfg, accelerator.device)
     model = ScalarHeadModel(backbone)  # the head is always trained
@@ -84,53 +78,19 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
               f"{len(train)} train / {len(evals)} eval pairs | global batch {global_size} ({world} process(es)) | "
               f"{total_steps} steps | run dir {run_dir}"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
-    metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
 
     def terms(m, batch):
         return pair_terms(m, batch, pad_id, accelerator.device, cfg.center_coef)
 
-    def run_eval() -> dict:
-        return evaluate_pairs(model, evals, cfg.micro_batch_size, terms, accelerator)
+    # ---- train and evaluate ------------------------------------------------------------------
+    summary, seconds = fit_pairwise("reward", cfg, model, train, evals, terms, accelerator, run_dir, params, optimizer,
+                                    scheduler, start_step, total_steps)
 
-    # ---- train ---------------------------------------------------------------------------------
-    t0 = time.time()
-    if evals and start_step == 0:
-        before = run_eval()
-        if main_proc:
-            metrics.write({"step": 0, **before})
-    bar = tqdm(total=total_steps, initial=start_step, desc="reward", disable=not main_proc, unit="step")
-    for step in range(start_step, total_steps):
-        indices = global_batch(step, len(train), global_size, steps_per_epoch, cfg.seed)
-        micro_batches = [[train[i] for i in micro]
-                         for micro in my_micro_batches(indices, cfg.micro_batch_size, cfg.grad_accum, rank)]
-        stats = pairwise_backward(model, micro_batches, terms, accelerator, len(indices))
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        record = {"step": done, **stats, "lr": lr, "grad_norm": round(float(grad_norm), 6),
-                  "elapsed_s": round(time.time() - t0, 3)}
-        if evals and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-            record.update(run_eval())
-        if main_proc:
-            metrics.write(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.2f}")
-        bar.update(1)
-        if done % cfg.save_every == 0 or done == total_steps:
-            checkpoint(run_dir, done, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints)
-    bar.close()
-
-    # ---- evaluate and save -----------------------------------------------------------------------
-    summary = run_eval() if evals else {}
+    # ---- save ------------------------------------------------------------------------------------
     if main_proc:
-        if evals:
-            metrics.write({"step": total_steps, **summary})
         accelerator.unwrap_model(model).save_pretrained(run_dir / "final", tokenizer)
-        metrics.close()
         shown = " | ".join(f"{k} {v:.4f}" for k, v in summary.items())
-        print(f"reward: done in {time.time() - t0:.1f}s | {shown} | model saved to {run_dir / 'final'}", flush=True)
+        print(f"reward: done in {seconds:.1f}s | {shown} | model saved to {run_dir / 'final'}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
