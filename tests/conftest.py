@@ -82,6 +82,23 @@ def make_tiny_model():
     return build_tiny_model
 
 
+@pytest.fixture(scope="session")
+def launch_two():
+    """Run `alignkit ARGS...` in 2 CPU processes (gloo) under accelerate launch; its --multi_gpu flag
+    means "start the processes with torchrun", which is what works on CPUs. Returns the completed process."""
+    import subprocess
+    import sys
+
+    def run(*args: str):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+        return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                               "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                               "-m", "alignkit.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+    return run
+
+
 POLITE = ["Happy to help!", "Thanks for asking!", "Great question!", "Of course!", "Sure, glad to help.",
           "Thank you for waiting."]
 RUDE = ["Stop bothering me.", "Ugh, whatever.", "Not my problem.", "Figure it out.", "Go away.", "Ask someone else."]

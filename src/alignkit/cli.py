@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -267,19 +268,25 @@ def eval_models(
     judge: Optional[Path] = typer.Option(None, help="Independent judge YAML for judge scores and win rates "
                                                     "(one not used as the training reward)."),
     max_new_tokens: int = typer.Option(48, help="Most tokens per completion (greedy decoding)."),
-    out: Optional[Path] = typer.Option(None, help="Write the report (metrics and completions) as JSON here."),
+    out: Optional[Path] = typer.Option(None, help="Report directory (replaced if it exists): report.md, report.html, "
+                                                  "metrics.json and PNG plots. Default runs/eval-DATE-TIME."),
+    samples: int = typer.Option(8, help="Prompts whose completions the report shows side by side."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ):
     """Compare models on held-out prompts: reward, KL to the base (adapters), toxicity (mean and share
-    above 0.5), sentiment, length, distinct-2, and win rate by an independent judge.
+    above 0.5), sentiment, length, distinct-2, and win rate by an independent judge; write a report.
 
-    Example: alignkit eval --models before=embedded,after=runs/ppo1/final --prompts held_out.txt \\
-             --reward runs/rm --judge configs/judge_safety.yaml
+    A model given as RUN_DIR/final of an alignkit training run brings its run into the report: PPO
+    runs plot reward, KL, judge and length per step and list their monitor warnings; DPO runs plot
+    loss and margin per step. Give a PPO and a DPO run trained on the same pairs to compare them.
+
+    Example: alignkit eval --models before=embedded,ppo=runs/ppo1/final,dpo=runs/dpo1/final \\
+             --prompts held_out.txt --reward runs/rm --judge configs/judge_safety.yaml --out runs/report
     """
     from alignkit.data.prompts import load_prompts
     from alignkit.evaluate.compare import evaluate_models
-    from alignkit.io import atomic_write_text
     from alignkit.evaluate.judges import load_reward
+    from alignkit.evaluate.report import write_report
 
     pairs = [item.split("=", 1) for item in models.split(",") if item]
     if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
@@ -290,17 +297,19 @@ def eval_models(
         from alignkit.evaluate.judges import load_judge
 
         judge_fn = load_judge(judge).score
-    reports = evaluate_models(dict(pairs), load_prompts(prompts), reward=reward_fn, judge=judge_fn,
+    prompt_list = load_prompts(prompts)
+    reports = evaluate_models(dict(pairs), prompt_list, reward=reward_fn, judge=judge_fn,
                               max_new_tokens=max_new_tokens, device=device)
     keys = list(dict.fromkeys(k for r in reports for k in r.metrics))
     print(f"{'metric':<28}" + "".join(f"{r.name:>14}" for r in reports))
     for k in keys:
         cells = [r.metrics.get(k) for r in reports]
         print(f"{k:<28}" + "".join(f"{'-' if c is None else round(c, 4):>14}" for c in cells))
-    if out is not None:
-        atomic_write_text(out, json.dumps([{"name": r.name, "model": r.spec, "metrics": r.metrics,
-                                            "completions": r.completions} for r in reports], indent=2))
-        print(f"report written to {out}")
+    out = out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    meta = {"prompts": str(prompts), "reward": str(reward) if reward else None,
+            "judge": str(judge) if judge else None, "max_new_tokens": max_new_tokens}
+    write_report(out, reports, prompt_list, dict(pairs), meta, samples=samples)
+    print(f"report: {out / 'report.html'} (also report.md, metrics.json and plots)")
 
 
 def _reward_dir(model: Path) -> Path:

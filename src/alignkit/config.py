@@ -142,8 +142,9 @@ class PPOConfig(TrainSettings):
     data: PPOData
     """Prompt set."""
     reward: Path
-    """A reward-model directory (alignkit train reward; its run directory works too) or a judge YAML
-    (components with weights, as for `alignkit prefs judge`)."""
+    """A reward-model directory (alignkit train reward; its run directory works too), a judge YAML
+    (components with weights, as for `alignkit prefs judge`), or a Python function
+    'file.py:function' / 'package.module:function' called as fn(prompts, completions) -> scores."""
     rollout_batch: int = Field(8, ge=1)
     """Prompts sampled per PPO step."""
     max_new_tokens: int = Field(48, ge=1)

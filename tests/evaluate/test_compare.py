@@ -23,13 +23,13 @@ def test_eval_reports_every_metric_for_every_model(tmp_path, tiny_model_dir):
     prompts.write_text("Where is my order?\nCan I return shoes?\nHi\n")
     judge = tmp_path / "judge.yaml"
     judge.write_text("components:\n  - {name: tone, judge: sentiment}\n")
-    out = tmp_path / "report.json"
+    out = tmp_path / "report"
     result = CliRunner().invoke(app, ["eval", "--models", f"before={tiny_model_dir},after={tmp_path / 'after'}",
                                       "--prompts", str(prompts), "--reward", str(tmp_path / "rm"),
                                       "--judge", str(judge), "--max-new-tokens", "6", "--out", str(out),
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
+    report = json.loads((out / "metrics.json").read_text())["models"]
     assert [r["name"] for r in report] == ["before", "after"]
     for r in report:
         assert len(r["completions"]) == 3

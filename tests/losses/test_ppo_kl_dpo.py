@@ -19,6 +19,16 @@ def test_masked_whitening():
     assert torch.allclose(masked_whiten(x, m), torch.tensor([[0.0, -0.70711, 0.70711, 0.0]]), atol=1e-5)
 
 
+def test_masked_whitening_over_processes():
+    """Two processes each holding [2, 3] (mask [0,1,1,0] of [1,2,3,4]): together 4 entries 2,3,2,3,
+    mean 2.5, unbiased variance 4 * 0.25 / 3 = 1/3, whitened -+0.5 * sqrt(3) = -+0.86603. An all_sum
+    that doubles each local sum plays the part of the sum over two identical processes."""
+    x, m = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    together = masked_whiten(x, m, all_sum=lambda t: 2 * t)
+    assert torch.allclose(together, torch.tensor([[0.0, -0.86603, 0.86603, 0.0]]), atol=1e-5)
+    assert torch.allclose(together, masked_whiten(torch.cat([x, x]), torch.cat([m, m]))[:1])
+
+
 def test_gae_lambda_zero():
     """gamma 0.5, lambda 0, values [0, 1, 2, 3], rewards [0, 0, 1, 0]: A_t = r_t + 0.5 V_{t+1} - V_t
     = [0 + 0.5 - 0, 0 + 1 - 1, 1 + 1.5 - 2, 0 + 0 - 3] = [0.5, 0, 0.5, -3]."""

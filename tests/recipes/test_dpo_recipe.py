@@ -9,8 +9,6 @@ import yaml
 from alignkit.config import DPOConfig, load_config
 from alignkit.data.prefs import encode_split
 from alignkit.models import load_model
-from alignkit.models.generation import left_pad
-from alignkit.models.logprobs import sequence_logprob
 from alignkit.recipes import dpo
 
 
@@ -45,3 +43,27 @@ def test_dpo_learns_held_out_preference(tmp_path, tiny_model_dir, pair_files):
     assert after["eval_loss"] < 0.6 and after["eval_accuracy"] >= 0.8, after
     policy, tok = load_model(str(run_dir / "final"), device="cpu")
     assert hasattr(policy, "peft_config")  # an adapter on the unchanged base
+
+
+def test_two_processes_equal_one_with_same_global_batch(tmp_path, tiny_model_dir, pair_files, launch_two):
+    """DPO under accelerate launch with 2 CPU processes x micro-batch 4 equals 1 process x 2
+    accumulated micro-batches of 4: the same per-step losses and the same adapter."""
+    from safetensors.torch import load_file
+
+    train, held = pair_files
+    for name, accum in (("one", 2), ("two", 1)):
+        cfg = {"model": str(tiny_model_dir), "data": {"train": str(train), "max_length": 64},
+               "output_dir": str(tmp_path / "runs"), "run_name": name, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+               "learning_rate": 3e-3, "micro_batch_size": 4, "grad_accum": accum, "max_steps": 3,
+               "device": "cpu", "seed": 0, "lr_scheduler": "constant"}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    dpo.main(load_config(DPOConfig, tmp_path / "one.yaml"))
+    r = launch_two("train", "dpo", "--config", str(tmp_path / "two.yaml"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(2 process(es))" in r.stdout
+    losses = lambda n: [json.loads(l)["loss"] for l in (tmp_path / "runs" / n / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses("one")) == 3 and losses("one") == pytest.approx(losses("two"), rel=1e-5)
+    a = load_file(tmp_path / "runs" / "one" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "runs" / "two" / "final" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

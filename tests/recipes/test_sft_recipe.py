@@ -124,19 +124,14 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path, tiny_model_di
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_equal_one_with_same_global_batch(tmp_path, tiny_model_dir, sft_file):
+def test_two_processes_equal_one_with_same_global_batch(tmp_path, tiny_model_dir, sft_file, launch_two):
     one = write_config(tmp_path, tiny_model_dir, sft_file, "one.yaml", run_name="one",
                        micro_batch_size=2, grad_accum=2, max_steps=3)
     two = write_config(tmp_path, tiny_model_dir, sft_file, "two.yaml", run_name="two",
                        micro_batch_size=2, grad_accum=1, max_steps=3)
     r1 = cli("train", "sft", "--config", str(one))
     assert r1.returncode == 0, r1.stderr
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    # accelerate's --multi_gpu means "start the processes with torchrun"; on CPUs they use gloo.
-    r2 = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                         "-m", "alignkit.cli", "train", "sft", "--config", str(two)],
-                        env=env, capture_output=True, text=True, timeout=300)
+    r2 = launch_two("train", "sft", "--config", str(two))
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "(2 process(es))" in r2.stdout
     assert losses(tmp_path / "runs" / "one") == pytest.approx(losses(tmp_path / "runs" / "two"), rel=1e-5)

@@ -20,10 +20,18 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return sq / (n - 1).clamp(min=1) if unbiased else sq / n.clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_sum=None) -> torch.Tensor:
     """(x - mean) / std over the masked entries (unbiased variance); with shift_mean=False the mean
-    is added back, which is how rewards are normalised without moving them."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    is added back, which is how rewards are normalised without moving them.
+
+    `all_sum` sums a tensor over processes (e.g. accelerator.reduce(t, "sum")): the mean and variance
+    are then those of every process's masked entries together, as if the batch were in one process.
+    """
+    total = all_sum or (lambda t: t)
+    n = total(mask.sum())
+    mean = total((x * mask).sum()) / n.clamp(min=1)
+    var = total(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
     white = (x - mean) * torch.rsqrt(var + eps)
     return (white if shift_mean else white + mean) * mask
 

@@ -11,6 +11,10 @@ Each step, top to bottom:
 The value head shares the policy's backbone and adapter. Everything random is seeded by (seed, step),
 so a run resumed from a checkpoint (adapter, value head, optimizer, KL controller, RNG, step)
 repeats the uninterrupted one.
+
+Under `accelerate launch --multi_gpu --num_processes N` (or torchrun) each process samples
+rollout_batch / N of the step's prompts; scores are normalised and advantages whitened over all
+processes together, gradients are averaged by DDP, and the logged metrics cover the whole batch.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from accelerate.utils import gather_object
 
 from alignkit.config import PPOConfig
 from alignkit.data.batching import global_batch
@@ -40,14 +46,21 @@ from alignkit.training import (checkpoint, load_trainable, make_accelerator, mak
                                resume_state)
 
 
-def forward(model, value_head, ids, mask, temperature):
-    """Per-token log-probs of the next token (B, T-1) at the sampling temperature, and values (B, T-1)."""
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
-    logp = torch.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)
-    logp = logp.gather(2, ids[:, 1:, None]).squeeze(2)
-    values = value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
-    return logp, values
+class PolicyWithValue(torch.nn.Module):
+    """The policy and its value head as one module, so one DDP wrapper syncs both gradients."""
+
+    def __init__(self, policy, value_head):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, ids, mask, temperature: float):
+        """Per-token log-probs of the next token (B, T-1) at the sampling temperature, and values (B, T-1)."""
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
+        logp = torch.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)
+        logp = logp.gather(2, ids[:, 1:, None]).squeeze(2)
+        values = self.value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
+        return logp, values
 
 
 def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
@@ -58,9 +71,11 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     if cfg.minibatch_size > cfg.rollout_batch:
         raise AlignkitError(f"minibatch_size {cfg.minibatch_size} is larger than rollout_batch {cfg.rollout_batch}")
     accelerator = make_accelerator(cfg)
-    if accelerator.num_processes > 1:
-        raise AlignkitError("PPO runs in one process for now; start it without accelerate launch / torchrun")
     device, main_proc = accelerator.device, accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.rollout_batch % world or cfg.minibatch_size % world:
+        raise AlignkitError(f"rollout_batch {cfg.rollout_batch} and minibatch_size {cfg.minibatch_size} must both "
+                            f"be multiples of the {world} processes: each process takes an equal share")
     torch.manual_seed(cfg.seed)
     policy, tokenizer = load_trainable(cfg, device)
     value_head = scalar_head(policy.config.hidden_size).to(device)  # on the policy's own hidden states
@@ -77,33 +92,37 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     steps_per_epoch = len(prompts) // cfg.rollout_batch
 
     run_dir = open_run_dir(cfg, "ppo", resume, overwrite, accelerator)
-    modules = torch.nn.ModuleDict({"policy": policy, "value_head": value_head})
+    modules = PolicyWithValue(policy, value_head)
     params = [p for p in modules.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg, total_steps)
+    model, optimizer = accelerator.prepare(modules, optimizer)  # DDP-wrapped when world > 1
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
               else FixedKLController(cfg.kl_coef))
-    start_step = resume_state(run_dir, resume, modules, optimizer, scheduler, accelerator)
+    start_step = resume_state(run_dir, resume, model, optimizer, scheduler, accelerator)
     if start_step:
         state = json.loads((run_dir / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").read_text())
         kl_ctl.load_state_dict(state["kl_controller"])
     metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
-    print(f"ppo: policy {cfg.model} (LoRA r={cfg.lora.r}) | reward: {reward_name} | {len(prompts)} prompts, "
-          f"{cfg.rollout_batch} per step | {total_steps} steps | run dir {run_dir}"
-          + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
+    if main_proc:
+        print(f"ppo: policy {cfg.model} (LoRA r={cfg.lora.r}) | reward: {reward_name} | {len(prompts)} prompts, "
+              f"{cfg.rollout_batch} per step ({world} process(es)) | {total_steps} steps | run dir {run_dir}"
+              + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
+    all_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
     kl_fn = kl_k1 if cfg.kl_estimator == "k1" else kl_k3
     eos = tokenizer.eos_token_id
 
     t0 = time.time()
-    bar = tqdm(total=total_steps, initial=start_step, desc="ppo", unit="step")
+    bar = tqdm(total=total_steps, initial=start_step, desc="ppo", unit="step", disable=not main_proc)
     stopped_early = False
     # Monitors compare against the whole run, including steps logged before a resume.
     history = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()] if start_step else []
     for step in range(start_step, total_steps):
         # ---- 1. rollout ------------------------------------------------------------------------
-        batch_prompts = [prompts[i] for i in global_batch(step, len(prompts), cfg.rollout_batch, steps_per_epoch, cfg.seed)]
+        step_prompts = [prompts[i] for i in global_batch(step, len(prompts), cfg.rollout_batch, steps_per_epoch, cfg.seed)]
+        batch_prompts = step_prompts[rank::world]  # this process's share
         policy.eval()
         gen = generate(policy, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step)
+                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step + 7919 * rank)
         responses = [toks if toks else [eos] for toks in gen.tokens]  # an empty response still gets a reward
         seqs = [p + r for p, r in zip(gen.prompt_ids, responses)]
         ids, mask = left_pad(seqs, tokenizer.pad_token_id, device)
@@ -111,37 +130,39 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
         # response positions in the (B, T-1) next-token layout: token at position t is predicted at t-1
         starts = torch.tensor([width - len(r) for r in responses], device=device)
         resp_mask = (torch.arange(1, width, device=device)[None, :] >= starts[:, None]).float()
-        with torch.no_grad():
-            old_logp, old_values = forward(policy, value_head, ids, mask, cfg.temperature)
+        with torch.no_grad():  # the unwrapped module: no DDP bookkeeping for passes without gradients
+            old_logp, old_values = modules(ids, mask, cfg.temperature)
             with policy.disable_adapter():
-                ref_logp, _ = forward(policy, value_head, ids, mask, cfg.temperature)
+                ref_logp, _ = modules(ids, mask, cfg.temperature)
         scores = torch.tensor(score_fn(batch_prompts, gen.texts), dtype=torch.float32, device=device)
         raw_scores = scores.clone()
         if cfg.missing_eos_penalty is not None:
             scores -= cfg.missing_eos_penalty * torch.tensor([not f for f in gen.finished], device=device).float()
         if cfg.reward_clip is not None:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        if cfg.normalize_reward and len(scores) > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        if cfg.normalize_reward and cfg.rollout_batch > 1:
+            everyone = accelerator.gather(scores)  # the statistics of the whole step's batch
+            scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
 
         # ---- 2. rewards and advantages ---------------------------------------------------------
         kl = kl_fn(old_logp, ref_logp) * resp_mask  # (B, T-1)
         rewards = token_rewards(scores, kl, kl_ctl.coef, resp_mask)
         advantages, returns = gae(rewards, old_values, resp_mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, resp_mask)
+            advantages = masked_whiten(advantages, resp_mask, all_sum=all_sum)
 
         # ---- 3. update -------------------------------------------------------------------------
-        policy.train()
+        model.train()
         stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0}
         n_updates = 0
         order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        local_minibatch = cfg.minibatch_size // world
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(seqs), generator=order_gen).tolist()
-            for start in range(0, len(order), cfg.minibatch_size):
-                mb = order[start:start + cfg.minibatch_size]
+            for start in range(0, len(order), local_minibatch):
+                mb = order[start:start + local_minibatch]
                 with accelerator.autocast():
-                    logp, values = forward(policy, value_head, ids[mb], mask[mb], cfg.temperature)
+                    logp, values = model(ids[mb], mask[mb], cfg.temperature)
                     pg, pg_stats = policy_loss(logp, old_logp[mb], advantages[mb], resp_mask[mb], cfg.clip)
                     vf, vf_stats = value_loss(values, old_values[mb], returns[mb], resp_mask[mb], cfg.vf_clip)
                     accelerator.backward(pg + cfg.vf_coef * vf)
@@ -153,51 +174,62 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
                         stats[k] += v
                 n_updates += 1
         scheduler.step()
-        mean_kl = (kl.sum(dim=1)).mean().item()  # per response
-        kl_ctl.update(mean_kl, len(seqs))
+        # every process builds the same record from the whole step's batch, so stop decisions agree
+        mean_kl = accelerator.gather(kl.sum(dim=1)).mean().item()  # per response
+        kl_ctl.update(mean_kl, cfg.rollout_batch)
 
         # ---- log and checkpoint ----------------------------------------------------------------
         done = step + 1
-        lengths = [len(r) for r in responses]
-        record = {"step": done, "score": round(raw_scores.mean().item(), 6),
-                  "reward": round(scores.mean().item(), 6), "kl": round(mean_kl, 6),
-                  "kl_coef": round(kl_ctl.coef, 6), "response_length": sum(lengths) / len(lengths),
-                  "eos_rate": sum(gen.finished) / len(gen.finished), "distinct_2": round(distinct_n(gen.texts), 4),
-                  **{k: round(v / n_updates, 6) for k, v in stats.items()},
+        lengths = accelerator.gather(torch.tensor([len(r) for r in responses], device=device)).float()
+        finished = accelerator.gather(torch.tensor(gen.finished, dtype=torch.float32, device=device))
+        texts = gather_object(gen.texts) if world > 1 else gen.texts
+        update_stats = torch.tensor([v / n_updates for v in stats.values()], device=device)
+        update_stats = (accelerator.reduce(update_stats, reduction="sum") / world).tolist()
+        record = {"step": done, "score": round(accelerator.gather(raw_scores).mean().item(), 6),
+                  "reward": round(accelerator.gather(scores).mean().item(), 6), "kl": round(mean_kl, 6),
+                  "kl_coef": round(kl_ctl.coef, 6), "response_length": lengths.mean().item(),
+                  "eos_rate": finished.mean().item(), "distinct_2": round(distinct_n(texts), 4),
+                  **{k: round(v, 6) for k, v in zip(stats, update_stats)},
                   "advantage_mean": round(masked_mean(advantages, resp_mask).item(), 6),
                   "elapsed_s": round(time.time() - t0, 3)}
         if judge is not None:
-            record["judge"] = round(sum(judge.score(batch_prompts, gen.texts)) / len(gen.texts), 6)
+            judged = torch.tensor(judge.score(batch_prompts, gen.texts), dtype=torch.float32, device=device)
+            record["judge"] = round(accelerator.gather(judged).mean().item(), 6)
         history.append(record)
         warnings = monitors.check(history, cfg.monitors)
         if warnings:
             record["warnings"] = warnings
             for w in warnings:
-                tqdm.write(f"ppo: WARNING step {done}: {w}")
-        metrics.write(record)
+                if main_proc:
+                    tqdm.write(f"ppo: WARNING step {done}: {w}")
+        if main_proc:
+            metrics.write(record)
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{mean_kl:.3f}")
         bar.update(1)
         threshold_hit = cfg.reward_threshold is not None and record["score"] >= cfg.reward_threshold
         monitor_stop = bool(warnings) and cfg.monitors.stop_on_warning
         if done % cfg.save_every == 0 or done == total_steps or threshold_hit or monitor_stop:
-            checkpoint(run_dir, done, total_steps, modules, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
+            checkpoint(run_dir, done, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
                        extra_state={"kl_controller": kl_ctl.state_dict()})
         if threshold_hit or monitor_stop:
             why = (f"mean score {record['score']:.4f} reached reward_threshold {cfg.reward_threshold}"
                    if threshold_hit else "a monitor warned and monitors.stop_on_warning is set")
-            print(f"ppo: {why} at step {done}; stopping", flush=True)
+            if main_proc:
+                print(f"ppo: {why} at step {done}; stopping", flush=True)
             stopped_early = True
             break
     bar.close()
 
     # ---- save ------------------------------------------------------------------------------------
-    final = save_model(policy, tokenizer, run_dir / "final")
-    from safetensors.torch import save_file
+    if main_proc:
+        from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
-              final / "value_head.safetensors")
-    metrics.close()
-    print(f"ppo: done in {time.time() - t0:.1f}s{' (early stop)' if stopped_early else ''} | "
-          f"policy saved to {final}", flush=True)
+        final = save_model(policy, tokenizer, run_dir / "final")
+        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                  final / "value_head.safetensors")
+        metrics.close()
+        print(f"ppo: done in {time.time() - t0:.1f}s{' (early stop)' if stopped_early else ''} | "
+              f"policy saved to {final}", flush=True)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
