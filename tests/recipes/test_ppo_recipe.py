@@ -193,3 +193,23 @@ def test_two_processes_run_ppo(tmp_path, tiny_model_dir, reward_dir, launch_two)
     final = load_file(run_dir / "final" / "adapter_model.safetensors")
     last = load_file(run_dir / "checkpoints" / "step-000002" / "trainable.safetensors")
     assert all(torch.equal(final[k], last["policy." + k.replace(".weight", ".default.weight")]) for k in final)
+
+
+def test_reusing_the_rollout_forward_pass_changes_nothing(tmp_path, tiny_model_dir, reward_dir, monkeypatch):
+    """With one PPO epoch and one minibatch the update's forward pass is the rollout's own; a run
+    that recomputes it must log the same losses and end with the same weights."""
+    runs = {}
+    for reuse in (True, False):
+        monkeypatch.setattr(ppo, "REUSE_ROLLOUT_FORWARD", reuse)
+        runs[reuse] = ppo.main(config(tmp_path, tiny_model_dir, reward_dir, f"reuse-{reuse}", ppo_epochs=1,
+                                      minibatch_size=4, max_steps=3, save_every=3))
+    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"}
+                       for l in (d / "metrics.jsonl").read_text().splitlines()]
+    fused, plain = strip(runs[True]), strip(runs[False])
+    assert fused[-1]["kl"] != 0.0 and fused[0]["clipfrac"] == 0.0  # it trained; ratio 1 on the single update
+    for a, b in zip(fused, plain):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
+    wa = load_file(runs[True] / "final" / "adapter_model.safetensors")
+    wb = load_file(runs[False] / "final" / "adapter_model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)

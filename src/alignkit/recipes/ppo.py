@@ -53,14 +53,25 @@ class PolicyWithValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
-    def forward(self, ids, mask, temperature: float):
-        """Per-token log-probs of the next token (B, T-1) at the sampling temperature, and values (B, T-1)."""
+    def forward(self, ids, mask, temperature: float, keep: int):
+        """Log-probs (at the sampling temperature) and values for the last `keep` tokens, each (B, keep).
+
+        Sequences are left-padded, so every response ends in the last column and the last `keep`
+        columns hold them all: the LM head and the softmax run on those positions only (the prompt's
+        logits would be thrown away, and at a 49k vocabulary they dominate the memory)."""
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
-        logp = torch.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)
-        logp = logp.gather(2, ids[:, 1:, None]).squeeze(2)
-        values = self.value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1)
+        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
+                          logits_to_keep=keep + 1)
+        logits = out.logits[:, :-1].float() / temperature  # (B, keep, V): position t predicts token t + 1
+        targets = ids[:, -keep:, None]
+        logp = (logits.gather(2, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(2)
+        values = self.value_head(out.hidden_states[-1][:, -keep - 1:-1].float()).squeeze(-1)
         return logp, values
+
+
+# With ppo_epochs 1 and one minibatch per step, reuse the rollout's forward pass for the update.
+# It computes exactly what a second pass would (a test compares both ways), one pass cheaper.
+REUSE_ROLLOUT_FORWARD = True
 
 
 def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
@@ -126,14 +137,22 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
         responses = [toks if toks else [eos] for toks in gen.tokens]  # an empty response still gets a reward
         seqs = [p + r for p, r in zip(gen.prompt_ids, responses)]
         ids, mask = left_pad(seqs, tokenizer.pad_token_id, device)
-        width = ids.shape[1]
-        # response positions in the (B, T-1) next-token layout: token at position t is predicted at t-1
-        starts = torch.tensor([width - len(r) for r in responses], device=device)
-        resp_mask = (torch.arange(1, width, device=device)[None, :] >= starts[:, None]).float()
-        with torch.no_grad():  # the unwrapped module: no DDP bookkeeping for passes without gradients
-            old_logp, old_values = modules(ids, mask, cfg.temperature)
-            with policy.disable_adapter():
-                ref_logp, _ = modules(ids, mask, cfg.temperature)
+        keep = max(len(r) for r in responses)  # the last `keep` columns hold every response
+        lengths = torch.tensor([len(r) for r in responses], device=device)
+        resp_mask = (torch.arange(keep, device=device)[None, :] >= (keep - lengths)[:, None]).float()  # (B, keep)
+        fused = REUSE_ROLLOUT_FORWARD and cfg.ppo_epochs == 1 and cfg.minibatch_size == cfg.rollout_batch
+        if fused:
+            # One update on the whole batch: the update's forward pass is the rollout's (ratio exactly 1),
+            # so one backbone pass fewer per step.
+            model.train()
+            with accelerator.autocast():
+                live_logp, live_values = model(ids, mask, cfg.temperature, keep)
+            old_logp, old_values = live_logp.detach(), live_values.detach()
+        else:
+            with torch.no_grad():  # the unwrapped module: no DDP bookkeeping for passes without gradients
+                old_logp, old_values = modules(ids, mask, cfg.temperature, keep)
+        with torch.no_grad(), policy.disable_adapter():
+            ref_logp, _ = modules(ids, mask, cfg.temperature, keep)
         scores = torch.tensor(score_fn(batch_prompts, gen.texts), dtype=torch.float32, device=device)
         raw_scores = scores.clone()
         if cfg.missing_eos_penalty is not None:
@@ -145,7 +164,7 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
             scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
 
         # ---- 2. rewards and advantages ---------------------------------------------------------
-        kl = kl_fn(old_logp, ref_logp) * resp_mask  # (B, T-1)
+        kl = kl_fn(old_logp, ref_logp) * resp_mask  # (B, keep)
         rewards = token_rewards(scores, kl, kl_ctl.coef, resp_mask)
         advantages, returns = gae(rewards, old_values, resp_mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
@@ -162,7 +181,8 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
             for start in range(0, len(order), local_minibatch):
                 mb = order[start:start + local_minibatch]
                 with accelerator.autocast():
-                    logp, values = model(ids[mb], mask[mb], cfg.temperature)
+                    logp, values = ((live_logp[mb], live_values[mb]) if fused
+                                    else model(ids[mb], mask[mb], cfg.temperature, keep))
                     pg, pg_stats = policy_loss(logp, old_logp[mb], advantages[mb], resp_mask[mb], cfg.clip)
                     vf, vf_stats = value_loss(values, old_values[mb], returns[mb], resp_mask[mb], cfg.vf_clip)
                     accelerator.backward(pg + cfg.vf_coef * vf)
