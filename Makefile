@@ -60,3 +60,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The ShopBot (examples/shopbot): real SQLite, HTTP label service and SMTP server on 127.0.0.1. Uses the
+# fine-tuned adapter in runs/shopbot/final when present, else the base model (and says so).
+.PHONY: shopbot-demo
+shopbot-demo: $(STAMP)
+	$(BIN)/python -m examples.shopbot.run_demo
