@@ -55,8 +55,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
-	set -e; for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
+TRL_PPO := $(VENV)/trl-1.10
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	@# TRL dropped PPO after 1.10; 1.10 and 1.16 share a name, so 1.10 gets its own folder (its
+	@# requirements are a subset of 1.16's) and only the PPO benchmark's TRL-PPO side imports it.
+	$(BIN)/python -m pip install --quiet --no-deps --target $(TRL_PPO) trl==1.10.0
+	touch $@
+
+bench: $(BENCH_STAMP)
+	set -e; for f in bench/bench_*.py; do echo "== $$f"; TRL_PPO_PATH=$(TRL_PPO) $(BIN)/python $$f; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,210 @@
+"""Benchmark alignkit's PPO step against TRL's online RL trainers on the same work: seconds per step,
+completion tokens/s and peak memory, each as a ratio against the peer measured in the same run.
+
+    python bench/bench_ppo.py [--steps 4] [--models tiny,embedded] [--threads 2] [--rounds 1] [--quick]
+                              [--trl-ppo-path DIR]
+
+Peers, each run in a fresh process, one after the other:
+  TRL 1.16 GRPOTrainer      TRL's current online trainer (TRL dropped PPO after 1.10)
+  TRL 1.10 PPOTrainer       `trl.experimental.ppo`; it needs a TRL 1.10 installed apart from 1.16, e.g.
+                            `pip install --no-deps --target DIR trl==1.10.0`, given as --trl-ppo-path DIR
+
+The same for every side: the shipped shop prompts, the reward configs/judge_safety.yaml (the same
+Python function is called), 8 completions per step of at most 32 new tokens sampled at temperature
+1, LoRA r 8 / alpha 16 on q,k,v,o, float32, one optimisation pass over the 8 completions per step
+(one batch, no accumulation), KL to the adapter-disabled base on. Not the same, by design of the
+algorithms: PPO scores 8 prompts once each, learns a value head and uses GAE advantages (with one
+epoch and one minibatch, as here, its update reuses the rollout's forward pass for the old log-probs
+and values, as GRPO with num_iterations 1 does); GRPO samples 8 completions of one prompt and uses
+group-normalised rewards as advantages. TRL's PPO keeps a separate critic network (here given the
+same LoRA), so it runs one more backbone per forward pass than alignkit, whose value head shares the
+policy's backbone.
+
+Step 1 of each run is warm-up and left out. Peak memory is the child process's peak resident set
+(ru_maxrss), model loading included. Every side gets the same OMP_NUM_THREADS and, unless set
+otherwise, OMP_WAIT_POLICY=PASSIVE (see run_side). Prints figures; it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import _ppo_common as common  # the helper modules live beside this script
+
+SIDES = {"alignkit": "alignkit PPO", "trl-grpo": "TRL 1.16 GRPO", "trl-ppo": "TRL 1.10 PPO"}
+
+
+def run_alignkit(model_dir: str, steps: int, workdir: Path) -> dict:
+    """The recipe itself, driven by its config; step times and lengths from its own metrics."""
+    from alignkit.config import PPOConfig, load_config
+    from alignkit.recipes import ppo
+
+    n = common.COMPLETIONS_PER_STEP
+    cfg_path = workdir / "ppo.yaml"
+    cfg_path.write_text(json.dumps({
+        "model": model_dir, "data": {"prompts": str(common.PROMPTS_FILE)}, "reward": str(common.JUDGE_FILE),
+        "output_dir": str(workdir), "run_name": "bench-ppo", "device": "cpu", "dtype": "float32",
+        "lora": common.LORA, "learning_rate": common.LEARNING_RATE, "lr_scheduler": "constant",
+        "rollout_batch": n, "minibatch_size": n, "ppo_epochs": 1, "max_new_tokens": common.MAX_NEW_TOKENS,
+        "temperature": common.TEMPERATURE, "kl_coef": common.KL_COEF, "max_steps": steps + 1,
+        "save_every": 1_000_000, "keep_checkpoints": 1, "seed": common.SEED}))
+    run_dir = ppo.main(load_config(PPOConfig, cfg_path), overwrite=True)
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # elapsed_s is taken at the end of each step, from a clock started after setup
+    step_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(recs)]
+    return common.result("alignkit PPO", step_s, [n * r["response_length"] for r in recs[1:]])
+
+
+def child(side: str, model_dir: str, steps: int, threads: int, out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if side == "alignkit":
+        res = run_alignkit(model_dir, steps, out.parent)
+    elif side == "trl-grpo":
+        import _trl_grpo
+
+        res = _trl_grpo.run(model_dir, steps, out.parent)
+    else:
+        import _trl_ppo
+
+        res = _trl_ppo.run(model_dir, steps, out.parent)
+    common.write_result(out, res)
+
+
+def run_side(side: str, model_dir: str, steps: int, threads: int, workdir: Path,
+             trl_ppo_path: str | None) -> dict | str:
+    """The side's result, or why it did not run. A fresh process each, so peak memory is its own."""
+    out_dir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=workdir))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    # OpenMP threads that spin while waiting for each other lose their time slices to every other
+    # process on a busy machine: on a loaded 2-core CPU one forward pass of the embedded model took
+    # 20.4 s spinning and 5.5 s passive. Passive waiting, the same for every side, keeps the
+    # comparison about the trainers rather than about the neighbours.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if side == "trl-ppo":
+        if not trl_ppo_path:
+            return "not run: give --trl-ppo-path (a TRL 1.10 installed apart; 1.16 has no PPO)"
+        env["PYTHONPATH"] = os.pathsep.join([trl_ppo_path, env.get("PYTHONPATH", "")])
+    log = out_dir / "log.txt"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--model-dir", model_dir,
+           "--steps", str(steps), "--threads", str(threads), "--result", str(out_dir / "result.json")]
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        lines = log.read_text().strip().splitlines() or ["(no output)"]
+        why = next((line for line in reversed(lines) if "Error" in line), lines[-1])
+        return f"failed (exit {proc.returncode}): {why[:300]}"
+    return json.loads((out_dir / "result.json").read_text())
+
+
+def median_result(rounds: list[dict | str]) -> dict | str:
+    """Each figure's median over the rounds (the load on a shared machine comes and goes), and the
+    range of tokens/s; a side that failed in any round reports that round's reason."""
+    failed = [r for r in rounds if isinstance(r, str)]
+    if failed:
+        return failed[0]
+    out = {key: statistics.median(r[key] for r in rounds)
+           for key in ("s_per_step", "tokens_per_s", "tokens_per_step", "peak_rss_mb")}
+    out["tokens_per_s_range"] = (min(r["tokens_per_s"] for r in rounds), max(r["tokens_per_s"] for r in rounds))
+    return out
+
+
+def ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}x"
+
+
+def print_table(model: str, results: dict[str, dict | str], rounds: int) -> None:
+    ours = results["alignkit"]
+    peers = [s for s in SIDES if s != "alignkit"]
+    head = f"{'':<24} | {SIDES['alignkit']:>12}" + "".join(f" | {SIDES[s]:>13} | ratio" for s in peers)
+    print(f"\n## {model}" + (f" (median of {rounds} rounds)" if rounds > 1 else "") + f"\n{head}")
+    rows = [("seconds per step", "s_per_step", "{:.2f}"), ("completion tokens / s", "tokens_per_s", "{:.1f}"),
+            ("completion tokens / step", "tokens_per_step", "{:.0f}"), ("peak memory, MB", "peak_rss_mb", "{:.0f}")]
+    for label, key, fmt in rows:
+        line = f"{label:<24} | " + (f"{fmt.format(ours[key]):>12}" if isinstance(ours, dict) else f"{'-':>12}")
+        for s in peers:
+            peer = results[s]
+            if isinstance(peer, dict) and isinstance(ours, dict):
+                line += f" | {fmt.format(peer[key]):>13} | {ratio(ours[key], peer[key]):>5}"
+            else:
+                line += f" | {'-':>13} | {'-':>5}"
+        print(line)
+    for side, res in results.items():
+        if isinstance(res, str):
+            print(f"{SIDES[side]}: {res}")
+        elif rounds > 1:
+            low, high = res["tokens_per_s_range"]
+            print(f"{SIDES[side]}: completion tokens/s ranged {low:.1f}-{high:.1f} over the rounds")
+    grpo = results["trl-grpo"]
+    if isinstance(ours, dict) and isinstance(grpo, dict):
+        met = ours["tokens_per_s"] >= grpo["tokens_per_s"]
+        print(f"target: completion tokens/s >= TRL GRPO's: {'met' if met else 'MISSED'} "
+              f"({ratio(ours['tokens_per_s'], grpo['tokens_per_s'])})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--steps", type=int, default=4, help="measured steps per side, after one warm-up step (default 4)")
+    ap.add_argument("--models", default=None,
+                    help="comma-separated: 'tiny' (a 2-layer Llama built here), 'embedded' (SmolLM2-135M), "
+                         "or a Hugging Face model directory (default tiny,embedded; tiny with --quick)")
+    ap.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads for every side (default 2)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every side this many times, interleaved, and report medians (default 1)")
+    ap.add_argument("--quick", action="store_true", help="2 measured steps, tiny model only (unless --models)")
+    ap.add_argument("--trl-ppo-path", default=os.environ.get("TRL_PPO_PATH"),
+                    help="directory holding TRL 1.10 (pip install --no-deps --target DIR trl==1.10.0), put first "
+                         "on the TRL PPO side's PYTHONPATH; default $TRL_PPO_PATH; without it that side is skipped")
+    ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: one side, in a child
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        ap.error("--steps and --rounds must be at least 1")
+    if args.side:
+        child(args.side, args.model_dir, args.steps, args.threads, args.result)
+        return
+    steps = 2 if args.quick and args.steps == 4 else args.steps
+    models = (args.models or ("tiny" if args.quick else "tiny,embedded")).split(",")
+
+    import torch
+
+    print(f"torch {torch.__version__}, {args.threads} threads per side, CPU; sides run one after another. "
+          f"{common.COMPLETIONS_PER_STEP} completions x <= {common.MAX_NEW_TOKENS} new tokens per step, "
+          f"LoRA r={common.LORA['r']} on {common.LORA['target_modules']}; {steps} measured steps + 1 warm-up")
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            if model == "tiny":
+                model_dir = str(common.build_tiny_model(Path(tmp) / "tiny-model"))
+            elif model == "embedded":
+                from alignkit.models.loading import resolve_base
+
+                model_dir = str(resolve_base("embedded"))  # the converted safetensors cache
+            else:
+                model_dir = model
+            workdir = Path(tempfile.mkdtemp(prefix="runs-", dir=tmp))
+            runs = {side: [] for side in SIDES}
+            for round_ in range(args.rounds):
+                for side, name in SIDES.items():  # one after another, never two at once
+                    print(f"{model}: {name}" + (f", round {round_ + 1}/{args.rounds}" if args.rounds > 1 else "")
+                          + " ...", flush=True)
+                    runs[side].append(run_side(side, model_dir, steps, args.threads, workdir, args.trl_ppo_path))
+            print_table(model, {side: median_result(r) for side, r in runs.items()}, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
