@@ -49,9 +49,15 @@ def _compress_app():
     return compress_app
 
 
+def _cai_app():
+    from alignkit.cai.cli import cai_app
+
+    return cai_app
+
+
 for sub, name in ((train_app, "train"), (models_app, "models"), (prefs_app, "prefs"), (label_app, "label"),
                   (reward_app, "reward"), (_compress_app(), "compress"), (_rag_app(), "rag"),
-                  (sandbox_app, "sandbox")):
+                  (sandbox_app, "sandbox"), (_cai_app(), "cai")):
     app.add_typer(sub, name=name)
 
 MODEL_HELP = ("'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "

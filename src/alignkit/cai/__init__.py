@@ -1,0 +1,1 @@
+"""Constitutional AI: constitutions, red teaming, critique-and-revise SFT, RLAIF labeling and the pipeline."""
