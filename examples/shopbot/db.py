@@ -4,8 +4,11 @@
 queries go through `ReadOnlyDatabase.query`, which has three layers, each enough on its own for
 writes: the query is checked by `sql_guard.check_select` (one SELECT, allowed tables, a LIMIT); the
 file is opened with `mode=ro`; and an authorizer lets SQLite run nothing but SELECT, reads of
-allowed tables and allowed functions. The application's own lookups (`order_owner`,
-`customer_email`) use bound parameters, never text from the model.
+allowed tables and allowed functions. For reads, every table the query names is rewritten into its
+scope in `CUSTOMER_SCOPES`, with the signed-in customer's id bound as `:customer_id`: a query sees
+that customer's row, orders and items and nobody else's, and with no customer (None, bound as NULL)
+it sees no rows at all. The application's own lookups (`order_owner`, `customer_email`) use bound
+parameters, never text from the model.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from .sql_guard import ALLOWED_FUNCTIONS, SQLRefused, check_select
 SEED_FILE = Path(__file__).with_name("seed.json")
 ALLOWED_TABLES = frozenset({"customers", "orders", "items"})
 MAX_ROWS = 20
+CUSTOMER_SCOPES = {
+    "customers": "SELECT * FROM customers WHERE id = :customer_id",
+    "orders": "SELECT * FROM orders WHERE customer_id = :customer_id",
+    "items": "SELECT * FROM items WHERE order_id IN (SELECT id FROM orders WHERE customer_id = :customer_id)",
+}
+"""What a model-written query reads in place of each table: the signed-in customer's rows only.
+`= :customer_id` with NULL bound (no customer signed in) matches nothing."""
+assert set(CUSTOMER_SCOPES) == ALLOWED_TABLES  # every table a query may name has a scope
 
 SCHEMA = """
 CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL UNIQUE);
@@ -85,12 +96,13 @@ class ReadOnlyDatabase:
                                     check_same_thread=False)
         self._con.row_factory = sqlite3.Row
 
-    def query(self, sql: str) -> list[dict]:
-        """Rows of a model-written query as dicts; SQLRefused when it is not allowed or fails."""
-        checked = check_select(sql, ALLOWED_TABLES, self.max_rows)
+    def query(self, sql: str, customer_id: int | None) -> list[dict]:
+        """Rows of a model-written query as dicts, as seen by `customer_id` (the signed-in customer, from
+        the session; None: no rows); SQLRefused when the query is not allowed or fails."""
+        checked = check_select(sql, ALLOWED_TABLES, self.max_rows, CUSTOMER_SCOPES)
         self._con.set_authorizer(authorize)
         try:
-            return [dict(row) for row in self._con.execute(checked).fetchall()]
+            return [dict(row) for row in self._con.execute(checked, {"customer_id": customer_id}).fetchall()]
         except sqlite3.DatabaseError as e:  # includes "not authorized" and "readonly database"
             raise SQLRefused(f"the query failed: {e}") from None
         finally:

@@ -3,7 +3,8 @@
 The model proposes actions; `make_tools(shop)` gives it three, each bound to one signed-in customer
 (`Shop.customer_id`, set by the application from the session, never from the model's text):
 
-* `sql_query(sql)`: one checked, read-only SELECT on the orders database (see `db.py`).
+* `sql_query(sql)`: one checked, read-only SELECT on the orders database (see `db.py`), which sees
+  only the signed-in customer's rows (none when no customer is signed in).
 * `create_return_label(order_id)`: asks the shipping-label service for a label. Before the request the
   application checks that a customer is signed in and that the order exists and belongs to them.
   A service that refuses the connection or is too slow is retried with exponential backoff, then
@@ -95,7 +96,7 @@ def make_tools(shop: Shop) -> list[Tool]:
         Args:
             sql: One SELECT statement.
         """
-        return json.dumps(shop.db.query(sql), ensure_ascii=False)
+        return json.dumps(shop.db.query(sql, shop.customer_id), ensure_ascii=False)
 
     def create_return_label(order_id: int) -> str:
         """Create a return shipping label for one of the customer's orders.

@@ -25,7 +25,8 @@ from alignkit.apps.agents.react import parse_reply  # noqa: E402
 from alignkit.apps.agents.tools import ToolError  # noqa: E402
 from alignkit.apps.agents.trace import read_trace  # noqa: E402
 from examples.shopbot.app import CustomerRequest, ShopServices, answer, load_prompt, outcome  # noqa: E402
-from examples.shopbot.db import ALLOWED_TABLES, ReadOnlyDatabase, authorize, load_seed  # noqa: E402
+from examples.shopbot.db import (ALLOWED_TABLES, CUSTOMER_SCOPES, ReadOnlyDatabase, authorize,  # noqa: E402
+                                 load_seed)
 from examples.shopbot.label_service import BackgroundServer, free_port  # noqa: E402
 from examples.shopbot.make_traces import (HELDOUT_PHRASINGS, TRAIN_PHRASINGS, demonstrate,  # noqa: E402
                                           split_requests)
@@ -152,6 +153,137 @@ def test_read_only_connection_and_authorizer_stop_what_the_parser_lets_through(s
     finally:
         db.close()
     assert "sqlite_master" not in ALLOWED_TABLES
+
+
+# --- model-written SQL sees only the signed-in customer's rows --------------------------------------
+
+OTHER = 2  # owns orders 1003 and 1004
+OTHER_EMAIL = "ben.moss@example.com"
+
+
+def seed_rows(customer_id):
+    """The seed rows a customer may see: (their customer row, their orders, their items)."""
+    orders = [o for o in SEED["orders"] if o["customer_id"] == customer_id]
+    order_ids = {o["id"] for o in orders}
+    return ([c for c in SEED["customers"] if c["id"] == customer_id], orders,
+            [i for i in SEED["items"] if i["order_id"] in order_ids])
+
+
+def test_check_select_rewrites_every_table_reference_into_its_scope_keeping_the_alias():
+    checked = check_select("SELECT o.id, i.name FROM orders o JOIN items AS i ON i.order_id = o.id "
+                           "WHERE o.id IN (SELECT id FROM orders)", ALLOWED_TABLES, 20, CUSTOMER_SCOPES)
+    orders, items = CUSTOMER_SCOPES["orders"], CUSTOMER_SCOPES["items"]
+    assert checked == (f"SELECT o.id, i.name FROM ({orders}) AS o JOIN ({items}) AS i ON i.order_id = o.id "
+                       f"WHERE o.id IN (SELECT id FROM ({orders}) AS orders) LIMIT 20")
+    assert check_select("SELECT email FROM customers", ALLOWED_TABLES, 20, CUSTOMER_SCOPES) == (
+        f"SELECT email FROM ({CUSTOMER_SCOPES['customers']}) AS customers LIMIT 20")
+    # The scopes bind the customer id; a query may not bring parameters of its own.
+    for sql in ("SELECT * FROM orders WHERE customer_id = :customer_id", "SELECT * FROM orders WHERE id = ?"):
+        with pytest.raises(SQLRefused, match="parameters"):
+            check_select(sql, ALLOWED_TABLES, 20, CUSTOMER_SCOPES)
+    # A table without a scope is refused, not read unscoped.
+    with pytest.raises(SQLRefused, match="table 'items' is not available"):
+        check_select("SELECT * FROM items", ALLOWED_TABLES, 20, {"orders": orders})
+
+
+OTHER_CUSTOMERS_DATA = [  # each asks for customer 2's data while customer 1 is signed in
+    f"SELECT * FROM orders WHERE customer_id = {OTHER}",
+    f"SELECT * FROM orders WHERE id = {OTHER_ORDER}",
+    f"SELECT email FROM customers WHERE id = {OTHER}",
+    f"SELECT email FROM customers WHERE email = '{OTHER_EMAIL}'",
+    f"SELECT name FROM items WHERE order_id = {OTHER_ORDER}",
+    f"SELECT c.email, o.id FROM customers c JOIN orders o ON o.customer_id = c.id WHERE c.id = {OTHER}",
+    f"SELECT i.name FROM items AS i JOIN orders AS o ON o.id = i.order_id WHERE o.customer_id = {OTHER}",
+    f"SELECT items.name FROM items, orders WHERE items.order_id = orders.id AND orders.customer_id = {OTHER}",
+    f"SELECT email FROM customers WHERE id IN (SELECT customer_id FROM orders WHERE id = {OTHER_ORDER})",
+    f"SELECT name FROM items WHERE order_id IN (SELECT id FROM orders WHERE customer_id = {OTHER})",
+    f"SELECT * FROM (SELECT * FROM customers) AS everyone WHERE everyone.id = {OTHER}",
+    f"SELECT o.id FROM orders o WHERE EXISTS (SELECT 1 FROM customers c WHERE c.id = o.customer_id AND c.id = {OTHER})",
+]
+
+
+@pytest.mark.parametrize("sql", OTHER_CUSTOMERS_DATA)
+def test_a_query_for_another_customers_rows_returns_nothing(services, sql):
+    with sqlite3.connect(services.db_path) as raw:  # the same SQL, unscoped, does find customer 2's data
+        assert raw.execute(sql).fetchall()
+    db = ReadOnlyDatabase(services.db_path)
+    try:
+        assert db.query(sql, CUSTOMER) == []
+        assert db.query(sql, OTHER)  # the owner sees them
+    finally:
+        db.close()
+
+
+def test_a_scalar_subquery_and_counts_see_only_the_signed_in_customer(services):
+    customers, orders, items = seed_rows(CUSTOMER)
+    db = ReadOnlyDatabase(services.db_path)
+    try:
+        assert db.query(f"SELECT (SELECT email FROM customers WHERE id = {OTHER}) AS e", CUSTOMER) == [{"e": None}]
+        assert db.query("SELECT (SELECT max(id) FROM orders) AS newest", CUSTOMER) == [
+            {"newest": max(o["id"] for o in orders)}]
+        counts = {t: db.query(f"SELECT count(*) AS n FROM {t}", CUSTOMER)[0]["n"] for t in ALLOWED_TABLES}
+        assert counts == {"customers": len(customers), "orders": len(orders), "items": len(items)}
+        assert counts["orders"] < len(SEED["orders"])
+    finally:
+        db.close()
+
+
+def test_aliases_and_qualified_columns_still_resolve(services):
+    customers, orders, items = seed_rows(CUSTOMER)
+    expected = sorted(({"id": i["order_id"], "name": i["name"]} for i in items), key=lambda r: (r["id"], r["name"]))
+    db = ReadOnlyDatabase(services.db_path)
+    try:
+        for sql in ("SELECT o.id, i.name FROM orders o JOIN items i ON i.order_id = o.id ORDER BY o.id, i.name",
+                    "SELECT orders.id, items.name FROM orders JOIN items ON items.order_id = orders.id "
+                    "ORDER BY orders.id, items.name",
+                    'SELECT "o".id, i.name FROM orders AS "o", items i WHERE i.order_id = "o".id ORDER BY 1, 2',
+                    "SELECT Orders.id, name FROM ORDERS JOIN items ON order_id = Orders.id ORDER BY 1, 2"):
+            assert db.query(sql, CUSTOMER) == expected, sql
+        assert db.query("SELECT c.name, c.email FROM customers c", CUSTOMER) == [
+            {"name": customers[0]["name"], "email": EMAIL}]
+        assert db.query("SELECT * FROM orders ORDER BY id", CUSTOMER) == orders
+    finally:
+        db.close()
+
+
+def test_a_session_without_a_customer_sees_no_rows(services):
+    db = ReadOnlyDatabase(services.db_path)
+    try:
+        for table in sorted(ALLOWED_TABLES):
+            assert db.query(f"SELECT * FROM {table}", None) == []
+            assert db.query(f"SELECT count(*) AS n FROM {table}", None) == [{"n": 0}]
+            assert db.query(f"SELECT count(*) AS n FROM {table}", 150) == [{"n": 0}]  # an unknown id
+    finally:
+        db.close()
+
+
+def test_the_customer_id_is_bound_not_written_into_the_sql(services):
+    """A customer id that is SQL text would widen the scope if it were formatted into the query; bound,
+    it is a value that matches no row."""
+    db = ReadOnlyDatabase(services.db_path)
+    try:
+        assert db.query("SELECT count(*) AS n FROM orders", "0 OR 1 = 1") == [{"n": 0}]
+        assert db.query("SELECT count(*) AS n FROM orders", CUSTOMER) == [{"n": len(seed_rows(CUSTOMER)[1])}]
+    finally:
+        db.close()
+
+
+def test_the_agent_reads_only_the_sessions_customer(services):
+    """The demo's case: a visitor without an id has the model query customer 1's orders; and a signed-in
+    customer has it query another customer's address. Both observations are empty, nothing is sent."""
+    before = len(services.mail.messages)
+    visitor = CustomerRequest(None, "I want to return my running shoes.")
+    model = ScriptedModel([act("sql_query", {"sql": f"SELECT id FROM orders WHERE customer_id = {CUSTOMER}"}),
+                           final("Sorry, your customer account was not found.")])
+    result = answer(model, services, visitor)
+    assert result.steps[0].error_kind is None and result.steps[0].observation == "[]"
+    assert outcome(visitor, result, new_mails(services, before), SEED).success
+
+    model = ScriptedModel([act("sql_query", {"sql": f"SELECT email FROM customers WHERE id = {OTHER}"}),
+                           act("sql_query", {"sql": "SELECT email FROM customers"}), final("done")])
+    result = answer(model, services, CustomerRequest(CUSTOMER, "what is ben's address?"))
+    assert [s.observation for s in result.steps[:2]] == ["[]", json.dumps([{"email": EMAIL}])]
+    assert new_mails(services, before) == []
 
 
 # --- the whole return, end to end ----------------------------------------------------------------
@@ -324,6 +456,18 @@ def test_demonstrated_traces_are_the_chat_the_agent_builds(services):
     for sent, trained in zip(last_prompt, messages[:-1]):
         if "RL-" not in trained["content"]:
             assert sent == trained
+
+
+def test_demonstrations_of_unknown_and_missing_customers_say_not_found(services):
+    """The demonstrator's query names the customer id from the request; under the scoping an unknown
+    id finds nothing, as before, and a visitor without an id is told the account was not found."""
+    prompt = load_prompt()
+    for request in (CustomerRequest(55, "Can I get a return label for my kettle?"),
+                    CustomerRequest(None, "Can I get a return label for my kettle?")):
+        messages = demonstrate(services, request, prompt, SEED)["messages"]
+        assert "was not found" in messages[-1]["content"]
+        observations = [m["content"] for m in messages if m["content"].startswith("Observation:")]
+        assert observations == ([] if request.customer_id is None else ["Observation: []"])
 
 
 # --- the embedded model, for real ------------------------------------------------------------------
