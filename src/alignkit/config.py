@@ -106,6 +106,10 @@ class RewardConfig(TrainSettings):
     """Weight of the reward-centering term mean((r_chosen + r_rejected)^2); 0 turns it off."""
     use_margin: bool = True
     """Subtract a pair's "margin" field inside the Bradley-Terry loss when present."""
+    soft_labels: bool = False
+    """Train on each pair's "p_chosen" (the probability that chosen is better, as `alignkit cai
+    label` writes) with the soft-label loss -(p log s(d) + (1-p) log s(-d)); pairs without it count
+    as p = 1. Margins are not used then."""
 
 
 class DPOConfig(TrainSettings):

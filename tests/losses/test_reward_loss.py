@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from alignkit.losses.reward import bradley_terry_loss, reward_centering
+from alignkit.losses.reward import bradley_terry_loss, reward_centering, soft_bradley_terry_loss
 
 
 def test_chosen_one_rejected_zero():
@@ -34,3 +34,11 @@ def test_gradient_pushes_chosen_up():
     bradley_terry_loss(rc, rr).sum().backward()
     # d/dx -log sigmoid(x) at 0 = -(1 - sigmoid(0)) = -0.5
     assert rc.grad.item() == -0.5 and rr.grad.item() == 0.5
+
+
+def test_soft_labels():
+    """d = 1 - 0 = 1, p = 0.8: -(0.8 log sigmoid(1) + 0.2 log sigmoid(-1)) = 0.8 * 0.313262 + 0.2 * 1.313262
+    = 0.513262. p = 1 is the plain loss (0.313262); at d = 0 any p gives log 2 = 0.693147."""
+    rc, rr = torch.tensor([1.0, 1.0, 0.5]), torch.tensor([0.0, 0.0, 0.5])
+    loss = soft_bradley_terry_loss(rc, rr, torch.tensor([0.8, 1.0, 0.3]))
+    assert torch.allclose(loss, torch.tensor([0.513262, 0.313262, 0.693147]), atol=1e-6)

@@ -64,3 +64,24 @@ def test_resume_from_checkpoint_repeats_the_run(tmp_path, tiny_model_dir, pair_f
     b = load_file(cut / "checkpoints" / "step-000006" / "trainable.safetensors")
     assert set(a) == set(b) and any(k.startswith("head.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_soft_labels_use_each_pairs_probability(tiny):
+    """With soft_labels the per-pair loss is the soft Bradley-Terry loss at the pair's p_chosen (a
+    pair without one counts as p = 1, the hard loss); without, p_chosen is ignored."""
+    from alignkit.losses.reward import bradley_terry_loss, soft_bradley_terry_loss
+
+    base, tok = tiny
+    torch.manual_seed(0)
+    rm = ScalarHeadModel(base)
+    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    pairs = [{"prompt": "Hi", "chosen": "Hello, how can I help?", "rejected": "Go away.", "p_chosen": 0.7},
+             {"prompt": "Where is my order?", "chosen": "It ships today.", "rejected": "No idea."}]
+    batch = reward.encode_pairs(tok, pairs, 64, use_margin=True)
+    with torch.no_grad():
+        rc, rr = reward.pair_scores(rm, batch, tok.pad_token_id, "cpu")
+        soft, margin = reward.pair_terms(rm, batch, tok.pad_token_id, "cpu", 0.0, soft_labels=True)
+        hard, _ = reward.pair_terms(rm, batch, tok.pad_token_id, "cpu", 0.0)
+    assert torch.allclose(soft, soft_bradley_terry_loss(rc, rr, torch.tensor([0.7, 1.0])))
+    assert torch.allclose(hard, bradley_terry_loss(rc, rr)) and torch.allclose(margin, rc - rr)
+    assert soft[1] == pytest.approx(hard[1].item()) and soft[0] != pytest.approx(hard[0].item())

@@ -19,6 +19,17 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     return -F.logsigmoid(diff)
 
 
+def soft_bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per-pair -(p log sigmoid(d) + (1 - p) log sigmoid(-d)), d = r_chosen - r_rejected, shape (B,).
+
+    Bradley-Terry with a soft label p = P(chosen is better), the cross-entropy against the AI
+    labeler's probability used for preference models trained on AI feedback (Bai et al. 2022, CAI,
+    section 4.1); p = 1 gives bradley_terry_loss without a margin.
+    """
+    diff = r_chosen - r_rejected
+    return -(p * F.logsigmoid(diff) + (1 - p) * F.logsigmoid(-diff))
+
+
 def reward_centering(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Per-pair (r_chosen + r_rejected)^2, shape (B,): pulls rewards toward zero mean.
 

@@ -18,7 +18,7 @@ import torch
 from alignkit.config import RewardConfig
 from alignkit.data.prefs import encode_response, load_pairs
 from alignkit.errors import AlignkitError
-from alignkit.losses.reward import bradley_terry_loss, reward_centering
+from alignkit.losses.reward import bradley_terry_loss, reward_centering, soft_bradley_terry_loss
 from alignkit.models import ScalarHeadModel
 from alignkit.models.generation import left_pad
 from alignkit.training import fit_pairwise, load_trainable, make_accelerator, make_optimizer, open_run_dir, resume_state
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 def encode_pairs(tokenizer, pairs: list[dict], max_length: int, use_margin: bool) -> list[dict]:
     return [{"chosen": encode_response(tokenizer, p["prompt"], p["chosen"], max_length),
              "rejected": encode_response(tokenizer, p["prompt"], p["rejected"], max_length),
-             "margin": float(p.get("margin") or 0.0) if use_margin else 0.0} for p in pairs]
+             "margin": float(p.get("margin") or 0.0) if use_margin else 0.0,
+             "p_chosen": float(p.get("p_chosen", 1.0))} for p in pairs]
 
 
 def pair_scores(model, batch: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +40,15 @@ def pair_scores(model, batch: list[dict], pad_id: int, device) -> tuple[torch.Te
     return scores[:len(batch)], scores[len(batch):]
 
 
-def pair_terms(model, batch: list[dict], pad_id: int, device, center_coef: float):
-    """Per-pair loss (Bradley-Terry with margin, plus centering) and reward margin, each (B,)."""
+def pair_terms(model, batch: list[dict], pad_id: int, device, center_coef: float, soft_labels: bool = False):
+    """Per-pair loss (Bradley-Terry with margin, or with soft labels; plus centering) and reward margin, each (B,)."""
     rc, rr = pair_scores(model, batch, pad_id, device)
-    margin = torch.tensor([b["margin"] for b in batch], device=rc.device)
-    return bradley_terry_loss(rc, rr, margin) + center_coef * reward_centering(rc, rr), rc - rr
+    if soft_labels:
+        p = torch.tensor([b["p_chosen"] for b in batch], device=rc.device)
+        loss = soft_bradley_terry_loss(rc, rr, p)
+    else:
+        loss = bradley_terry_loss(rc, rr, torch.tensor([b["margin"] for b in batch], device=rc.device))
+    return loss + center_coef * reward_centering(rc, rr), rc - rr
 
 
 def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
@@ -80,7 +85,7 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
 
     def terms(m, batch):
-        return pair_terms(m, batch, pad_id, accelerator.device, cfg.center_coef)
+        return pair_terms(m, batch, pad_id, accelerator.device, cfg.center_coef, cfg.soft_labels)
 
     # ---- train and evaluate ------------------------------------------------------------------
     summary, seconds = fit_pairwise("reward", cfg, model, train, evals, terms, accelerator, run_dir, params, optimizer,
