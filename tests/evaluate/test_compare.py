@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 import torch
 from typer.testing import CliRunner
 
@@ -47,3 +49,29 @@ def test_eval_rejects_a_bad_models_list(tmp_path):
     prompts.write_text("Hi\n")
     result = CliRunner().invoke(app, ["eval", "--models", "before", "--prompts", str(prompts)])
     assert result.exit_code != 0 and "expected name=model" in str(result.exception)
+
+
+def test_kl_to_base_is_exact_and_batch_independent(tiny_model_dir):
+    """The batched KL equals the KL summed position by position from full, unbatched forward passes."""
+    from alignkit.evaluate.compare import kl_to_base
+
+    base, tok = load_model(str(tiny_model_dir), device="cpu")
+    policy = attach_lora(base, r=4, alpha=8, dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g)
+    prompt_ids = [tok("Hi there")["input_ids"], tok("Where is my order?")["input_ids"], tok("Ok")["input_ids"]]
+    tokens = [[5, 9, 12], [7], [3, 3, 4, 8, 20]]
+    expected = []
+    with torch.no_grad():
+        for p, t in zip(prompt_ids, tokens):
+            ids = torch.tensor([p + t])
+            logp = torch.log_softmax(policy(input_ids=ids).logits[0, len(p) - 1:-1], dim=-1)
+            with policy.disable_adapter():
+                ref = torch.log_softmax(policy(input_ids=ids).logits[0, len(p) - 1:-1], dim=-1)
+            expected.append((logp.exp() * (logp - ref)).sum().item())
+    want = sum(expected) / len(expected)
+    assert want > 0
+    assert kl_to_base(policy, prompt_ids, tokens, tok.pad_token_id, batch_size=2) == pytest.approx(want, rel=1e-4)
+    assert kl_to_base(policy, prompt_ids, tokens, tok.pad_token_id, batch_size=8) == pytest.approx(want, rel=1e-4)

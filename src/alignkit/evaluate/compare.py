@@ -10,7 +10,7 @@ import torch
 from alignkit.evaluate.judges import SentimentJudge, ToxicityJudge
 from alignkit.evaluate.monitors import distinct_n
 from alignkit.models import generate, load_model
-from alignkit.models.generation import left_pad
+from alignkit.models.generation import Generation, left_pad
 
 
 @dataclass
@@ -22,43 +22,54 @@ class ModelReport:
 
 
 @torch.no_grad()
-def kl_to_base(model, prompt_ids: list[list[int]], tokens: list[list[int]], pad_id: int) -> float | None:
+def kl_to_base(model, prompt_ids: list[list[int]], tokens: list[list[int]], pad_id: int,
+               batch_size: int = 8) -> float | None:
     """Mean over responses of sum_t KL(pi(.|y_<t) || ref(.|y_<t)), the exact per-token KL over the
     whole vocabulary at each response position (so it is >= 0 even on greedy completions, where a
     sampled-token estimate would be biased); ref = the same model with its adapter disabled.
-    None for a model without an adapter."""
+    None for a model without an adapter. Batched, since each position holds two vocabulary-wide
+    distributions."""
     if not hasattr(model, "disable_adapter"):
         return None
-    seqs = [p + (t or [pad_id]) for p, t in zip(prompt_ids, tokens)]
-    ids, mask = left_pad(seqs, pad_id, next(model.parameters()).device)
-    width = ids.shape[1]
-    starts = torch.tensor([width - len(t or [pad_id]) for t in tokens], device=ids.device)
-    resp = (torch.arange(1, width, device=ids.device)[None, :] >= starts[:, None]).float()  # (B, T-1)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    per_response = []
+    for i in range(0, len(tokens), batch_size):
+        toks = [t or [pad_id] for t in tokens[i:i + batch_size]]
+        seqs = [p + t for p, t in zip(prompt_ids[i:i + batch_size], toks)]
+        ids, mask = left_pad(seqs, pad_id, next(model.parameters()).device)
+        keep = max(map(len, toks))  # left padding: every response ends in the last column
+        resp = (torch.arange(keep, device=ids.device)[None, :]
+                >= keep - torch.tensor([len(t) for t in toks], device=ids.device)[:, None]).float()
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
 
-    def logprobs():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float()
-        return torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
+        def logprobs():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1)
+            return torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # (B, keep, V)
 
-    logp = logprobs()
-    with model.disable_adapter():
-        ref = logprobs()
-    kl = (logp.exp() * (logp - ref)).sum(dim=-1)  # (B, T-1)
-    return ((kl * resp).sum(dim=1)).mean().item()
+        logp = logprobs()
+        with model.disable_adapter():
+            ref = logprobs()
+        kl = (logp.exp() * (logp - ref)).sum(dim=-1)  # (B, keep)
+        per_response += (kl * resp).sum(dim=1).tolist()
+    return sum(per_response) / len(per_response)
 
 
 def evaluate_models(models: dict[str, str], prompts: list[str], *, reward=None, judge=None,
-                    max_new_tokens: int = 48, device: str = "auto") -> list[ModelReport]:
+                    max_new_tokens: int = 48, device: str = "auto", batch_size: int = 8) -> list[ModelReport]:
     """Generate greedily with every model on the same prompts and score the completions.
 
     `reward` and `judge` are (prompts, completions) -> scores callables (a reward model or a judge);
     the win rate of each model is against the first model, by the judge (ties count one half).
     """
+    from tqdm.auto import tqdm
+
     toxicity, sentiment = ToxicityJudge(), SentimentJudge()
     reports = []
     for name, spec in models.items():
         model, tok = load_model(spec, device=device)
-        gen = generate(model, tok, prompts, max_new_tokens=max_new_tokens)
+        parts = [generate(model, tok, prompts[i:i + batch_size], max_new_tokens=max_new_tokens)
+                 for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {name}", unit="batch")]
+        gen = Generation(*([x for part in parts for x in getattr(part, f)]
+                           for f in ("prompt_ids", "tokens", "texts", "finished")))
         tox = toxicity.score(prompts, gen.texts)
         m = {"response_tokens": sum(map(len, gen.tokens)) / len(gen.tokens),
              "distinct_2": round(distinct_n(gen.texts), 4),
