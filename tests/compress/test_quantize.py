@@ -182,3 +182,29 @@ def test_bad_input_gives_clear_errors(tiny_model_dir, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(QuantizeError, match="unknown method 'int2'"):
         quantize_model(nn.Linear(4, 4), "int2")
+
+
+def test_int8_embedding_is_per_row_rtn_and_round_trips_through_load_model(tiny, tmp_path):
+    """The tied embedding becomes per-row int8 (every row on its own grid of scale max|row| / 127, so
+    within half a step of the float row); the file shrinks, and load_model restores identical logits."""
+    from alignkit.models import load_model
+
+    model, tok = tiny
+    emb = model.get_input_embeddings().weight
+    q8 = quantize_model(model, "int8-weight", 16, embedding="int8")
+    w = q8.get_input_embeddings().weight
+    assert w is q8.get_output_embeddings().weight  # still tied
+    step = emb.abs().amax(1, keepdim=True) / 127
+    assert ((w - emb).abs() <= step / 2 + 1e-7).all() and not torch.equal(w, emb)
+    rows = step[:, 0] > 0  # the padding row is all zeros and stays so
+    assert torch.allclose(w[rows] / step[rows], torch.round(w[rows] / step[rows]), atol=1e-3)
+    out = save_quantized(q8, tok, tmp_path / "e8", {"method": "int8-weight", "embedding": "int8"})
+    plain = save_quantized(quantize_model(model, "int8-weight"), tok, tmp_path / "f", {"method": "int8-weight"})
+    size = lambda d: json.loads((d / "quantize.json").read_text())["weights_file_bytes"]
+    assert size(out) < size(plain) - 2.5 * emb.numel()  # 4 bytes per value became 1 (plus a scale per row)
+    loaded, _ = load_model(str(out), device="cpu")
+    ids = tok(["Can I change the delivery address?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, q8(ids).logits)
+    with pytest.raises(QuantizeError, match="unknown embedding mode 'int4'"):
+        quantize_model(model, "int8-weight", embedding="int4")

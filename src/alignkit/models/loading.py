@@ -137,6 +137,10 @@ def load_model(spec: str = EMBEDDED, *, device: str | torch.device = "auto", dty
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     path = Path(spec).expanduser()
+    if spec != EMBEDDED and _read_meta(path).get("kind") == "quantized":  # written by compress quantize
+        from alignkit.compress.quantize import load_quantized
+
+        return load_quantized(path, device=dev)
     adapter_dir = None
     if spec != EMBEDDED and (path / "adapter_config.json").is_file():
         adapter_dir = path
