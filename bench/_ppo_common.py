@@ -62,37 +62,11 @@ def write_result(path: Path, res: dict) -> None:
 
 
 def build_tiny_model(out: Path, seed: int = 0, layers: int = 2) -> Path:
-    """Save a 2-layer Llama with a 300-token BPE vocabulary (trained here) to `out`; the same model
-    the test suite uses, so the tiny figures measure framework overhead rather than matmuls."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """The test suite's tiny Llama (2 layers, a 300-token BPE vocabulary trained on the spot), so the
+    tiny figures measure framework overhead rather than matmuls."""
+    import sys
 
-    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    corpus = []
-    for f in EXAMPLES.glob("*.jsonl"):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            corpus.extend([rec.get("prompt", ""), rec.get("completion", "")])
-            corpus.extend(m["content"] for m in rec.get("messages", []))
-    corpus += ["The quick brown fox jumps over the lazy dog.", "user", "assistant", "system"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                     bos_token="<|im_start|>", eos_token="<|im_end|>")
-    hf_tok.chat_template = chatml
-    config = LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True,
-                         bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
-                         pad_token_id=hf_tok.pad_token_id)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out)
-    hf_tok.save_pretrained(out)
-    return out
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import build_tiny_model as build
+
+    return build(out, seed=seed, layers=layers)
