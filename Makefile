@@ -40,7 +40,7 @@ demo: $(STAMP)
 		--out $(DEMO)/candidates.jsonl
 	@echo "== 2/6 AI-label them (calm, friendly tone; no offensive language) into preference pairs"
 	$(BIN)/alignkit prefs judge --candidates $(DEMO)/candidates.jsonl --judge configs/demo/label_judge.yaml \
-		--format pairs --out $(DEMO)/pairs.jsonl
+		--format pairs --min-margin 0.3 --out $(DEMO)/pairs.jsonl
 	@echo "== 3/6 train a reward model on the pairs"
 	$(BIN)/alignkit train reward --config configs/demo/reward.yaml --overwrite
 	@echo "== 4/6 PPO with LoRA against the reward model"

@@ -464,6 +464,8 @@ def prefs_judge(
     out: Path = typer.Option(..., help="JSONL to write."),
     fmt: str = typer.Option("rankings", "--format", help="rankings (ranks from scores, ties share a rank) or "
                                                          "pairs (margin = score difference)."),
+    min_margin: float = typer.Option(0.0, help="pairs only: skip pairs whose scores differ by less than this "
+                                               "(a judge's near-ties are mostly noise)."),
 ):
     """Label candidates with an AI judge; the judge is recorded as the labeler.
 
@@ -473,7 +475,9 @@ def prefs_judge(
 
     if fmt not in ("rankings", "pairs"):
         raise AlignkitError(f"--format must be rankings or pairs, not {fmt!r}")
-    s = judge_file(candidates, judge, out, fmt)
+    if min_margin < 0:
+        raise AlignkitError(f"--min-margin must be >= 0, not {min_margin}")
+    s = judge_file(candidates, judge, out, fmt, min_margin=min_margin)
     print(f"{s['records_in']} record(s), {s['completions_scored']} completion(s) scored by {s['labeler']}; "
           f"{s['records_out']} {s['format']} record(s) written to {out}")
 

@@ -44,6 +44,9 @@ def test_pairs_from_scores_skip_ties_and_repeated_completions():
     assert ties == 1
     assert {(p["chosen"], p["rejected"]): p["margin"] for p in pairs} == pytest.approx(
         {("a", "b"): 0.4, ("a", "c"): 0.4, ("a", "d"): 0.8, ("b", "d"): 0.4, ("c", "d"): 0.4})
+    # with min_margin 0.5 only a-d (0.8) is clear; the four 0.4 pairs join the b-c tie
+    pairs, ties = pairs_from_scores("p", ["a", "b", "c", "d"], [0.9, 0.5, 0.5, 0.1], "judge:x*1.0", min_margin=0.5)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "d")] and ties == 5
 
 
 def test_rankings_output_has_ranks_from_scores_with_ties(candidates, tmp_path):

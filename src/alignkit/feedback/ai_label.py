@@ -40,15 +40,17 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
 
 
 def pairs_from_scores(prompt: str, completions: list[str], scores: list[float],
-                      labeler: str) -> tuple[list[dict], int]:
+                      labeler: str, min_margin: float = 0.0) -> tuple[list[dict], int]:
     """Every pair of distinct completions with different scores, the better one chosen; also the
-    number of tied pairs skipped. A completion repeated in the list counts once."""
+    number of tied pairs skipped. A completion repeated in the list counts once. Pairs whose scores
+    differ by less than `min_margin` count as ties: a judge's near-ties are mostly noise."""
     first_seen: dict[str, int] = {}
     for i, text in enumerate(completions):
         first_seen.setdefault(text.strip(), i)
     pairs, ties = [], 0
     for i, j in itertools.combinations(first_seen.values(), 2):
-        if round(scores[i], TIE_DECIMALS) == round(scores[j], TIE_DECIMALS):
+        if (round(scores[i], TIE_DECIMALS) == round(scores[j], TIE_DECIMALS)
+                or abs(scores[i] - scores[j]) < min_margin):
             ties += 1
             continue
         win, lose = (i, j) if scores[i] > scores[j] else (j, i)
@@ -59,7 +61,7 @@ def pairs_from_scores(prompt: str, completions: list[str], scores: list[float],
 
 def judge_file(candidates_path: Path | str, judge_config: Path | str | JudgeConfig | ComposedJudge,
                out_path: Path | str, fmt: Literal["rankings", "pairs"] = "rankings", *,
-               chunk_size: int = 16, progress: bool = True) -> dict:
+               chunk_size: int = 16, progress: bool = True, min_margin: float = 0.0) -> dict:
     """Score every candidate completion with the judge and write rankings or pairs atomically.
 
     `judge_config` is a judge YAML file, a JudgeConfig, or an already built ComposedJudge. The input
@@ -99,7 +101,7 @@ def judge_file(candidates_path: Path | str, judge_config: Path | str | JudgeConf
             out_records.append({**rec, "ranks": ranks_from_scores(scores), "labeler": labeler,
                                 "scores": [round(s, TIE_DECIMALS) for s in scores]})
         else:
-            pairs, n_ties = pairs_from_scores(rec["prompt"], rec["completions"], scores, labeler)
+            pairs, n_ties = pairs_from_scores(rec["prompt"], rec["completions"], scores, labeler, min_margin)
             ties += n_ties
             for pair in pairs:
                 # Two records with one prompt may share completions; the pairs file takes each pair once.
