@@ -291,7 +291,7 @@ def eval_models(
     """
     from alignkit.data.prompts import load_prompts
     from alignkit.evaluate.compare import evaluate_models
-    from alignkit.evaluate.judges import load_reward
+    from alignkit.evaluate.rewards import load_reward
     from alignkit.evaluate.report import write_report
 
     pairs = [item.split("=", 1) for item in models.split(",") if item]

@@ -172,7 +172,8 @@ def run_evaluate(cfg: CAIConfig, out: Path, run_dir: Path) -> dict:
     from alignkit.cai.report import write_report
     from alignkit.data.prompts import load_prompts
     from alignkit.evaluate.compare import evaluate_models
-    from alignkit.evaluate.judges import load_judge, load_reward
+    from alignkit.evaluate.judges import load_judge
+    from alignkit.evaluate.rewards import load_reward
 
     def judge(spec):
         return (load_judge(spec) if isinstance(spec, Path) else load_judge(base=spec)).score

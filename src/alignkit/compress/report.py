@@ -152,7 +152,7 @@ def measure(specs: dict[str, str], *, eval_text: Path | None = None, max_length:
     from tqdm.auto import tqdm
 
     from alignkit.compress.quantize import load_calibration_texts
-    from alignkit.evaluate.judges import load_reward
+    from alignkit.evaluate.rewards import load_reward
     from alignkit.models import load_model
 
     texts = load_calibration_texts(eval_text or EVAL_TEXT, limit=10_000)

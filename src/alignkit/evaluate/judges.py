@@ -29,7 +29,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import Strict, load_config
-from alignkit.errors import AlignkitError, ConfigError, ModelLoadError
+from alignkit.errors import ConfigError, ModelLoadError
 from alignkit.models import ScalarHeadModel, load_model, render_prompt, resolve_device
 from alignkit.models.heads import HEAD_FILE
 
@@ -573,45 +573,3 @@ def load_judge(path: Path | None = None, overrides: list[str] | None = None,
                base: dict | None = None) -> ComposedJudge:
     """A composed judge from a YAML file (or a dict) plus key=value overrides; ConfigError names the field."""
     return build_judge(load_config(JudgeConfig, path, overrides, base))
-
-
-def python_reward(spec: str):
-    """A Python reward function named 'file.py:function' or 'package.module:function', called as
-    fn(prompts, completions) -> list of floats (a programmatic reward, e.g. a test's synthetic one)."""
-    import importlib
-    import importlib.util
-
-    target, _, name = spec.rpartition(":")
-    try:
-        if target.endswith(".py"):
-            if not Path(target).is_file():
-                raise AlignkitError(f"reward {spec}: no file {target}")
-            loader = importlib.util.spec_from_file_location(f"alignkit_reward_{Path(target).stem}", target)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ImportError as e:
-        raise AlignkitError(f"reward {spec}: cannot import {target}: {e}") from e
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise AlignkitError(f"reward {spec}: {target} has no function {name!r}")
-    return fn
-
-
-def load_reward(path: Path, device):
-    """A function (prompts, completions) -> list of scores, from a reward-model dir, a judge YAML or
-    a Python function ('file.py:function' or 'package.module:function')."""
-    spec = str(path)
-    if ":" in spec and not Path(spec).exists():
-        return python_reward(spec), f"python function {spec}"
-    if path.suffix in (".yaml", ".yml"):
-        judge = load_judge(path)
-        return judge.score, judge.name
-    from alignkit.models import ScalarHeadModel
-    from alignkit.models.heads import HEAD_FILE
-
-    rm_dir = path if (path / HEAD_FILE).is_file() else path / "final"
-    rm, tok = ScalarHeadModel.from_pretrained(rm_dir, device=device)
-    rm.eval()
-    return (lambda prompts, completions: rm.score_texts(tok, prompts, completions)), f"reward model {path}"

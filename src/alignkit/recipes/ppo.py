@@ -33,7 +33,7 @@ from alignkit.data.batching import global_batch
 from alignkit.data.prompts import load_prompts
 from alignkit.errors import AlignkitError
 from alignkit.evaluate import monitors
-from alignkit.evaluate.judges import load_reward
+from alignkit.evaluate.rewards import load_reward
 from alignkit.evaluate.monitors import distinct_n
 from alignkit.io import JsonlLog
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
