@@ -1,7 +1,7 @@
 """ShopBot on real services: a SQLite file, the label service on uvicorn, an aiosmtpd server.
 
 The model is a scripted test double (`ScriptedModel`) except in the smoke test, which runs the
-embedded model (with the fine-tuned adapter when runs/shopbot/final exists).
+embedded model fine-tuned on ShopBot traces (briefly, when runs/shopbot/final has not been trained).
 """
 
 from __future__ import annotations
@@ -473,12 +473,27 @@ def test_demonstrations_of_unknown_and_missing_customers_say_not_found(services)
 # --- the embedded model, for real ------------------------------------------------------------------
 
 def test_smoke_run_with_the_embedded_model_ends_cleanly(services, tmp_path):
-    """One request with the fine-tuned adapter when it exists, else the base model: the trace is
-    well formed and the run ends with a final answer or a plain stop message, whatever the model writes."""
+    """One request with a fine-tuned embedded model: the adapter of configs/shopbot_sft.yaml when it
+    has been trained, else a short LoRA run (4 steps) on 8 demonstrator traces made here on the real
+    services. The trace is well formed and the run ends with a final answer or a plain stop message,
+    whatever the model writes."""
     from alignkit.apps.agents.backends import LocalBackend
+    from alignkit.config import SFTConfig, load_config
+    from alignkit.io import write_jsonl
+    from alignkit.recipes import sft
 
     adapter = ROOT / "runs" / "shopbot" / "final"
-    backend = LocalBackend(str(adapter) if adapter.is_dir() else "embedded", device="cpu")
+    if not adapter.is_dir():
+        train, _ = split_requests(SEED)
+        prompt = load_prompt()
+        write_jsonl(tmp_path / "traces.jsonl", [demonstrate(services, r, prompt, SEED) for r in train[:8]])
+        cfg = tmp_path / "sft.yaml"
+        cfg.write_text(f"model: embedded\noutput_dir: {tmp_path}\nrun_name: shopbot\n"
+                       f"data: {{train: {tmp_path / 'traces.jsonl'}, max_length: 576}}\n"
+                       "lora: {r: 8, alpha: 16, dropout: 0.0}\nlearning_rate: 0.0015\nmicro_batch_size: 2\n"
+                       "max_steps: 4\nsave_every: 4\ndevice: cpu\n")
+        adapter = sft.main(load_config(SFTConfig, cfg)) / "final"
+    backend = LocalBackend(str(adapter), device="cpu")
     trace_file = tmp_path / "smoke.jsonl"
     result = answer(backend, services, CustomerRequest(33, "Could you help me send the umbrella back?"),
                     trace_path=trace_file, max_steps=2)
