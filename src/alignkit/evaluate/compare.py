@@ -10,7 +10,7 @@ import torch
 from alignkit.evaluate.judges import SentimentJudge, ToxicityJudge
 from alignkit.evaluate.monitors import distinct_n
 from alignkit.models import generate, load_model
-from alignkit.models.generation import Generation, left_pad
+from alignkit.models.generation import left_pad, tail_mask
 
 
 @dataclass
@@ -37,8 +37,7 @@ def kl_to_base(model, prompt_ids: list[list[int]], tokens: list[list[int]], pad_
         seqs = [p + t for p, t in zip(prompt_ids[i:i + batch_size], toks)]
         ids, mask = left_pad(seqs, pad_id, next(model.parameters()).device)
         keep = max(map(len, toks))  # left padding: every response ends in the last column
-        resp = (torch.arange(keep, device=ids.device)[None, :]
-                >= keep - torch.tensor([len(t) for t in toks], device=ids.device)[:, None]).float()
+        resp = tail_mask(torch.tensor([len(t) for t in toks], device=ids.device), keep)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
 
         def logprobs():
@@ -60,16 +59,12 @@ def evaluate_models(models: dict[str, str], prompts: list[str], *, reward=None, 
     `reward` and `judge` are (prompts, completions) -> scores callables (a reward model or a judge);
     the win rate of each model is against the first model, by the judge (ties count one half).
     """
-    from tqdm.auto import tqdm
-
     toxicity, sentiment = ToxicityJudge(), SentimentJudge()
     reports = []
     for name, spec in models.items():
         model, tok = load_model(spec, device=device)
-        parts = [generate(model, tok, prompts[i:i + batch_size], max_new_tokens=max_new_tokens)
-                 for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {name}", unit="batch")]
-        gen = Generation(*([x for part in parts for x in getattr(part, f)]
-                           for f in ("prompt_ids", "tokens", "texts", "finished")))
+        gen = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=f"eval {name}")
         tox = toxicity.score(prompts, gen.texts)
         m = {"response_tokens": sum(map(len, gen.tokens)) / len(gen.tokens),
              "distinct_2": round(distinct_n(gen.texts), 4),

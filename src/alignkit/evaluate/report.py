@@ -173,7 +173,8 @@ def build(reports, prompts: list[str], runs: list[TrainingRun], plots: list[tupl
     """Markdown, HTML and the metrics dictionary of one report."""
     names = [r.name for r in reports]
     keys = list(dict.fromkeys(k for r in reports for k in r.metrics))
-    run_keys = list(dict.fromkeys(k for run in runs for k in run.summary()))
+    summaries = {run.name: run.summary() for run in runs}
+    run_keys = list(dict.fromkeys(k for summary in summaries.values() for k in summary))
     shown = prompts[:samples]
     warnings = [(run.name, step, w) for run in runs for step, w in run.warnings]
 
@@ -187,7 +188,7 @@ def build(reports, prompts: list[str], runs: list[TrainingRun], plots: list[tupl
     if runs:
         md += ["", "## Training runs\n", "| | " + " | ".join(run.name for run in runs) + " |",
                "|---|" + "---|" * len(runs)]
-        md += [f"| {k} | " + " | ".join(_fmt(run.summary().get(k)) for run in runs) + " |" for k in run_keys]
+        md += [f"| {k} | " + " | ".join(_fmt(summaries[run.name].get(k)) for run in runs) + " |" for k in run_keys]
     md += ["", "## Reward-hacking monitors\n"]
     if not any(run.recipe == "ppo" for run in runs):
         md.append("No PPO run among the models, so no monitor ran.")
@@ -219,7 +220,7 @@ def build(reports, prompts: list[str], runs: list[TrainingRun], plots: list[tupl
     if runs:
         h.append("<h2>Training runs</h2><table><tr><th></th>" + "".join(f"<th>{e(run.name)}</th>" for run in runs)
                  + "</tr>" + "".join("<tr><td>" + e(k) + "</td>" + "".join(
-                     f"<td class='n'>{e(_fmt(run.summary().get(k)))}</td>" for run in runs) + "</tr>"
+                     f"<td class='n'>{e(_fmt(summaries[run.name].get(k)))}</td>" for run in runs) + "</tr>"
                      for k in run_keys) + "</table>")
     h.append("<h2>Reward-hacking monitors</h2>")
     if not any(run.recipe == "ppo" for run in runs):
@@ -239,7 +240,7 @@ def build(reports, prompts: list[str], runs: list[TrainingRun], plots: list[tupl
 
     metrics = {"meta": meta, "models": [{"name": r.name, "model": r.spec, "metrics": r.metrics,
                                          "completions": r.completions} for r in reports],
-               "training_runs": {run.name: {**run.summary(), "warnings": [{"step": s, "warning": w}
+               "training_runs": {run.name: {**summaries[run.name], "warnings": [{"step": s, "warning": w}
                                                                           for s, w in run.warnings]}
                                  for run in runs},
                "prompts": prompts, "plots": [f for f, _ in plots]}

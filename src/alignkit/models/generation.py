@@ -53,12 +53,19 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
+def tail_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) float mask of each row's last `lengths[b]` columns: where the responses of a
+    left-padded batch lie when only its last `width` positions are kept."""
+    return (torch.arange(width, device=lengths.device)[None, :] >= (width - lengths)[:, None]).float()
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, return_logprobs: bool = False, chat: bool = True,
-             batch_size: int | None = None, streamer=None) -> Generation:
-    """Generate completions for `prompts`, in batches of `batch_size` (default: all at once).
+             batch_size: int | None = None, streamer=None, progress: str | None = None) -> Generation:
+    """Generate completions for `prompts`, in batches of `batch_size` (default: all at once);
+    `progress` names a progress bar over the batches.
 
     temperature 0 is greedy decoding; otherwise sampling with optional top-k/top-p. A `seed` makes
     sampling repeatable without touching the global RNG.
@@ -85,7 +92,9 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
-        for start in range(0, len(prompt_ids), step):
+        from tqdm.auto import tqdm
+
+        for start in tqdm(range(0, len(prompt_ids), step), desc=progress, unit="batch", disable=progress is None):
             batch = prompt_ids[start:start + step]
             ids, mask = left_pad(batch, pad_id, device)
             result = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,

@@ -39,7 +39,7 @@ from alignkit.io import JsonlLog
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
 from alignkit.losses.ppo import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from alignkit.models import generate, save_model
-from alignkit.models.generation import left_pad
+from alignkit.models.generation import left_pad, tail_mask
 from alignkit.models.heads import scalar_head
 from alignkit.runs import METRICS_FILE
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
@@ -138,8 +138,8 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
         seqs = [p + r for p, r in zip(gen.prompt_ids, responses)]
         ids, mask = left_pad(seqs, tokenizer.pad_token_id, device)
         keep = max(len(r) for r in responses)  # the last `keep` columns hold every response
-        lengths = torch.tensor([len(r) for r in responses], device=device)
-        resp_mask = (torch.arange(keep, device=device)[None, :] >= (keep - lengths)[:, None]).float()  # (B, keep)
+        resp_lengths = torch.tensor([len(r) for r in responses], device=device)
+        resp_mask = tail_mask(resp_lengths, keep)  # (B, keep)
         fused = REUSE_ROLLOUT_FORWARD and cfg.ppo_epochs == 1 and cfg.minibatch_size == cfg.rollout_batch
         if fused:
             # One update on the whole batch: the update's forward pass is the rollout's (ratio exactly 1),
@@ -200,7 +200,7 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
 
         # ---- log and checkpoint ----------------------------------------------------------------
         done = step + 1
-        lengths = accelerator.gather(torch.tensor([len(r) for r in responses], device=device)).float()
+        lengths = accelerator.gather(resp_lengths).float()
         finished = accelerator.gather(torch.tensor(gen.finished, dtype=torch.float32, device=device))
         texts = gather_object(gen.texts) if world > 1 else gen.texts
         update_stats = torch.tensor([v / n_updates for v in stats.values()], device=device)
