@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from alignkit.errors import ConfigError
 
@@ -142,6 +142,17 @@ class PPOData(Strict):
     """Prompts to sample from: JSONL with a "prompt" field, or one prompt per line."""
 
 
+class ProbeSettings(Strict):
+    prompts: Path
+    """Held-out prompts (JSONL with a "prompt" field, or one per line); the first `n` are used."""
+    every: int = Field(5, ge=1)
+    """Steps between probes; a probe also runs before the first step and after the last."""
+    n: int = Field(16, ge=1)
+    """How many of the file's prompts to probe."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Most tokens per greedy probe reply; null uses the recipe's max_new_tokens."""
+
+
 class PPOConfig(TrainSettings):
     data: PPOData
     """Prompt set."""
@@ -191,6 +202,71 @@ class PPOConfig(TrainSettings):
     """Stop early once a batch's mean score reaches this."""
     monitors: MonitorSettings = MonitorSettings()
     """Reward-hacking monitors: warnings in the log and metrics, optionally an early stop."""
+    probe: ProbeSettings | None = None
+    """Held-out probe: every probe.every steps, greedy replies to the first probe.n prompts of
+    probe.prompts, logged as probe_proxy (mean training reward) and probe_gold (mean of
+    monitors.judge, when set). Null: no probe."""
+
+
+class GRPOConfig(TrainSettings):
+    data: PPOData
+    """Prompt set."""
+    reward: Path
+    """Where scores come from, as for PPO: a reward-model run, a judge YAML, or 'file.py:function'."""
+    rollout_batch: int = Field(4, ge=1)
+    """Prompts (groups) per step; each gets group_size completions."""
+    group_size: int = Field(4, ge=1)
+    """Completions sampled per prompt; the group's rewards are each completion's baseline (at least 2)."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Most tokens per completion."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; log-probs are taken at the same temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold."""
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    """Group advantage: grpo = (r - mean) / std; dr_grpo = r - mean (pair with loss_aggregation
+    fixed); rloo = r - mean of the group's other rewards."""
+    num_iterations: int = Field(1, ge=1)
+    """Updates per batch of completions (GRPO's mu); above 1 the clipped ratio matters."""
+    minibatch_size: int | None = Field(None, ge=1)
+    """Completions per gradient step within an iteration; null takes the whole batch
+    (rollout_batch * group_size) in one step."""
+    clip: float = Field(0.2, gt=0)
+    """Ratio clip epsilon (lower side, and upper side unless clip_high is set)."""
+    clip_high: float | None = Field(None, gt=0)
+    """Upper ratio clip epsilon (DAPO's clip-higher, e.g. 0.28); null uses clip."""
+    loss_aggregation: Literal["token", "sequence", "fixed"] = "token"
+    """token: every response token of the batch weighs the same; sequence: mean over completions of
+    each one's token mean (the GRPO paper); fixed: token sum / (completions * max_new_tokens), no
+    length normalisation (Dr. GRPO)."""
+    kl_coef: float = Field(0.04, ge=0)
+    """KL coefficient (beta) toward the reference (the adapter-disabled base, or a frozen copy in full
+    fine-tuning); 0 skips the reference pass."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """loss: beta * k3 per token added to the loss (GRPO); reward: beta * the sequence's summed
+    per-token KL (kl_estimator) subtracted from its score before advantages (RLOO, PPO)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token estimator for kl_in=reward (the loss always uses k3) and for the logged kl."""
+    kl_target: float | None = Field(None, gt=0)
+    """Target KL per completion for the adaptive controller; null keeps kl_coef fixed."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Adaptive controller horizon, in completions."""
+    missing_eos_penalty: float | None = Field(None, ge=0)
+    """Subtracted from the score of a completion cut off at max_new_tokens without EOS."""
+    reward_threshold: float | None = None
+    """Stop early once a batch's mean score reaches this."""
+    monitors: MonitorSettings = MonitorSettings()
+    """Reward-hacking monitors, as for PPO."""
+    probe: ProbeSettings | None = None
+    """Held-out probe, as for PPO (probe_proxy, probe_gold in the step's metrics)."""
+
+    @field_validator("group_size")
+    @classmethod
+    def _groups_need_two(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"group_size {v}: a group needs at least 2 completions, the others being each "
+                             "one's baseline (for one completion per prompt use alignkit train ppo)")
+        return v
 
 
 def field_help(cls: type[BaseModel], prefix: str = "") -> list[str]:
