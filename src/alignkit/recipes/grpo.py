@@ -1,0 +1,244 @@
+"""Critic-free online RL: GRPO, Dr. GRPO and RLOO. Several completions per prompt, each one's baseline
+is its group; a clipped token-level policy loss; KL to the reference. No value head.
+
+    alignkit train grpo --config configs/grpo.yaml [key=value ...] [--resume RUN_DIR]
+
+Each step, top to bottom:
+  1. sample: rollout_batch prompts x group_size completions on the rollout engine (synced to the
+     policy), each row seeded by (seed, step, row), so a row's tokens never depend on which process
+     drew it or on a resume;
+  2. score them; the reference's log-probs (the adapter disabled, or a frozen copy of the model in full
+     fine-tuning); group advantages (advantage: grpo, dr_grpo or rloo); groups with all-equal
+     rewards carry no signal and are counted (flat_group_share);
+  3. update: num_iterations passes over the batch in minibatches of the clipped token loss, plus
+     kl_coef * k3 per token when kl_in is "loss" (kl_in "reward" subtracts the sequence KL from the
+     score instead, as RLOO and PPO do).
+The old log-probs are the trainer's own (one batched forward pass), never the sampler's; their gap is
+logged as sampler_logprob_gap. Every record holds the seconds of each phase (time_*_s).
+
+Under `accelerate launch --multi_gpu --num_processes N` (or torchrun) each process samples its share
+of every minibatch's rows; rewards are gathered for the group advantages, losses are normalised over
+the whole minibatch and DDP averages the gradients, so N processes equal one with the same batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from alignkit.config import GRPOConfig
+from alignkit.data.batching import global_batch
+from alignkit.data.prompts import load_prompts
+from alignkit.errors import AlignkitError
+from alignkit.io import JsonlLog
+from alignkit.losses.grpo import aggregate, clipped_token_loss, group_advantages
+from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
+from alignkit.models import save_model
+from alignkit.online import (PhaseTimer, Probe, Scorers, batch_stats, load_history, make_engine, row_seeds, sample,
+                             sampler_gap, tail_logprobs, watch)
+from alignkit.runs import METRICS_FILE
+from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
+                               resume_state)
+
+
+def my_rows(step: int, cfg: GRPOConfig, minibatch: int, rank: int, world: int) -> list[int]:
+    """The global rows (prompt-major: row r is a completion of the step's prompt r // group_size) this
+    process samples and trains on, minibatch by minibatch. A seeded permutation of the step's rows is
+    cut into minibatches, each shared equally by the processes: the minibatches are the same for any
+    number of processes."""
+    n_rows = cfg.rollout_batch * cfg.group_size
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)).tolist()
+    share = minibatch // world
+    return [order[m + rank * share + j] for m in range(0, n_rows, minibatch) for j in range(share)]
+
+
+def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
+    """Run GRPO (or RLOO, Dr. GRPO); returns the run directory (final/ holds the policy)."""
+    # ---- setup ---------------------------------------------------------------------------------
+    n_rows = cfg.rollout_batch * cfg.group_size
+    minibatch = cfg.minibatch_size or n_rows
+    if n_rows % minibatch:
+        raise AlignkitError(f"minibatch_size {minibatch} must divide rollout_batch x group_size = {n_rows}")
+    accelerator = make_accelerator(cfg)
+    device, main_proc = accelerator.device, accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if minibatch % world:
+        raise AlignkitError(f"minibatch_size {minibatch} must be a multiple of the {world} processes: "
+                            "each process takes an equal share of every minibatch")
+    torch.manual_seed(cfg.seed)
+    policy, tokenizer = load_trainable(cfg, device)
+    # The reference: LoRA's base with the adapter disabled (no second model), else a frozen copy.
+    reference = None
+    if not cfg.lora.enabled and cfg.kl_coef > 0:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    prompts = load_prompts(cfg.data.prompts)
+    if len(prompts) < cfg.rollout_batch:
+        raise AlignkitError(f"{cfg.data.prompts}: {len(prompts)} prompts, fewer than rollout_batch {cfg.rollout_batch}")
+    scorers = Scorers(cfg.reward, cfg.monitors.judge, device)
+    probe = Probe(cfg.probe, cfg.max_new_tokens, rank, world)
+    engine = make_engine(policy, tokenizer)
+    total_steps = cfg.max_steps or 100
+    steps_per_epoch = len(prompts) // cfg.rollout_batch
+
+    run_dir = open_run_dir(cfg, "grpo", resume, overwrite, accelerator)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, cfg, total_steps)
+    model, optimizer = accelerator.prepare(policy, optimizer)  # DDP-wrapped when world > 1
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+              else FixedKLController(cfg.kl_coef))
+    start_step = resume_state(run_dir, resume, model, optimizer, scheduler, accelerator)
+    if start_step:
+        import json
+
+        state = json.loads((run_dir / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").read_text())
+        kl_ctl.load_state_dict(state["kl_controller"])
+    metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
+    if main_proc:
+        tuned = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full fine-tuning"
+        print(f"grpo: policy {cfg.model} ({tuned}) | advantage {cfg.advantage} | reward: {scorers.reward_name} | "
+              f"{len(prompts)} prompts, {cfg.rollout_batch} x {cfg.group_size} completions per step "
+              f"({world} process(es)) | {total_steps} steps | run dir {run_dir}"
+              + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
+    kl_fn = kl_k1 if cfg.kl_estimator == "k1" else kl_k3
+    clip_high = cfg.clip_high or cfg.clip
+    share = minibatch // world
+    history = load_history(run_dir, start_step)
+    if start_step == 0 and probe.due(0, False):
+        policy.eval()
+        before = {"step": 0, **probe.run(engine, policy, scorers, accelerator)}
+        if main_proc:
+            metrics.write(before)
+
+    t0 = time.time()
+    checkpoint_s = 0.0  # the checkpoint written after the previous step, logged with this one
+    bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", disable=not main_proc)
+    stopped_early = False
+    for step in range(start_step, total_steps):
+        timer = PhaseTimer()
+        # ---- 1. sample ---------------------------------------------------------------------------
+        step_prompts = [prompts[i] for i in global_batch(step, len(prompts), cfg.rollout_batch, steps_per_epoch, cfg.seed)]
+        rows = my_rows(step, cfg, minibatch, rank, world)
+        row_prompts = [step_prompts[r // cfg.group_size] for r in rows]
+        policy.eval()
+        with timer("generate"):
+            ro = sample(engine, policy, row_prompts, row_seeds(cfg.seed, step, rows), max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer, device=device)
+
+        # ---- 2. score, reference, advantages -----------------------------------------------------
+        with timer("score"):
+            raw_scores = torch.tensor(scorers.reward(row_prompts, ro.gen.texts), dtype=torch.float32, device=device)
+        scores = raw_scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores -= cfg.missing_eos_penalty * torch.tensor([not f for f in ro.gen.finished], device=device).float()
+        # One iteration over one minibatch: the update's forward pass is the old log-probs' (ratio 1).
+        fused = cfg.num_iterations == 1 and minibatch == n_rows
+        if fused:
+            model.train()
+            with timer("update"), accelerator.autocast():
+                live_logp = tail_logprobs(model, ro.ids, ro.mask, cfg.temperature, ro.keep)
+            old_logp = live_logp.detach()
+        else:
+            with timer("old_logprobs"), torch.no_grad():  # the unwrapped module: no DDP bookkeeping
+                old_logp = tail_logprobs(policy, ro.ids, ro.mask, cfg.temperature, ro.keep)
+        ref_logp = None
+        if cfg.kl_coef > 0:
+            with timer("reference"), torch.no_grad(), (policy.disable_adapter() if reference is None
+                                                        else contextlib.nullcontext()):
+                ref_logp = tail_logprobs(policy if reference is None else reference, ro.ids, ro.mask, cfg.temperature, ro.keep)
+        kl = (kl_fn(old_logp, ref_logp) * ro.resp_mask).sum(dim=1) if ref_logp is not None else torch.zeros_like(scores)
+        if cfg.kl_in == "reward":
+            scores = scores - kl_ctl.coef * kl
+        everyone = torch.zeros(n_rows, device=device)
+        everyone[rows] = scores  # each process fills in its rows; the sum over processes has them all
+        if world > 1:
+            everyone = accelerator.reduce(everyone, reduction="sum")
+        advantages, flat_groups = group_advantages(everyone.view(cfg.rollout_batch, cfg.group_size), cfg.advantage)
+        advantages = advantages.reshape(-1)[rows]
+
+        # ---- 3. update ---------------------------------------------------------------------------
+        model.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, clipped tokens, tokens, ratio
+        with timer("update"):
+            for _ in range(cfg.num_iterations):
+                for start in range(0, len(rows), share):
+                    mb = slice(start, start + share)
+                    resp_mask = ro.resp_mask[mb]
+                    with accelerator.autocast():
+                        logp = live_logp if fused else tail_logprobs(model, ro.ids[mb], ro.mask[mb], cfg.temperature,
+                                                                     ro.keep)
+                        per_token = clipped_token_loss(logp, old_logp[mb], advantages[mb], cfg.clip, clip_high)
+                        if cfg.kl_in == "loss" and ref_logp is not None:
+                            per_token = per_token + kl_ctl.coef * kl_k3(logp, ref_logp[mb])
+                        n_tokens = resp_mask.sum()
+                        if world > 1:
+                            n_tokens = accelerator.reduce(n_tokens.clone(), reduction="sum")
+                        # normalised over the whole minibatch; DDP averages, hence the factor world
+                        loss = aggregate(per_token, resp_mask, cfg.loss_aggregation, n_tokens=n_tokens.item(),
+                                         n_seqs=minibatch, max_tokens=cfg.max_new_tokens)
+                        accelerator.backward(loss * world)
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():
+                        ratio = torch.exp(logp - old_logp[mb])
+                        clipped = ((ratio < 1 - cfg.clip) & (advantages[mb, None] < 0)) | \
+                                  ((ratio > 1 + clip_high) & (advantages[mb, None] > 0))
+                        sums += torch.stack([loss.detach().double(), (clipped * resp_mask).sum().double(),
+                                             resp_mask.sum().double(), (ratio * resp_mask).sum().double()])
+            scheduler.step()
+        if world > 1:
+            sums = accelerator.reduce(sums, reduction="sum")
+        n_updates = cfg.num_iterations * (n_rows // minibatch)
+
+        # ---- log, probe and checkpoint -----------------------------------------------------------
+        done = step + 1
+        record = {"step": done, **batch_stats(accelerator, ro, raw_scores, scores, kl, row_prompts, scorers,
+                                              sampler_gap(ro.gen, old_logp)),
+                  "kl_coef": round(kl_ctl.coef, 6), "loss": round(sums[0].item() / n_updates, 6),
+                  "clipfrac": round((sums[1] / sums[2]).item(), 6), "ratio": round((sums[3] / sums[2]).item(), 6),
+                  "flat_group_share": round(flat_groups / cfg.rollout_batch, 6),
+                  "advantage_abs_mean": round(accelerator.gather(advantages.abs()).mean().item(), 6)}
+        kl_ctl.update(record["kl"], n_rows)
+        warnings = watch(history, record, cfg.monitors, "grpo", tqdm.write if main_proc else lambda _: None)
+        threshold_hit = cfg.reward_threshold is not None and record["score"] >= cfg.reward_threshold
+        monitor_stop = bool(warnings) and cfg.monitors.stop_on_warning
+        last = done == total_steps or threshold_hit or monitor_stop
+        if probe.due(done, last):
+            with timer("probe"):
+                policy.eval()
+                record.update(probe.run(engine, policy, scorers, accelerator))
+        record.update({**timer.record(), "time_checkpoint_s": round(checkpoint_s, 4),
+                       "elapsed_s": round(time.time() - t0, 3)})
+        if main_proc:
+            metrics.write(record)
+        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+        bar.update(1)
+        checkpoint_s = 0.0
+        if done % cfg.save_every == 0 or last:
+            started = time.perf_counter()
+            checkpoint(run_dir, done, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
+                       extra_state={"kl_controller": kl_ctl.state_dict()})
+            checkpoint_s = time.perf_counter() - started
+        if threshold_hit or monitor_stop:
+            why = (f"mean score {record['score']:.4f} reached reward_threshold {cfg.reward_threshold}"
+                   if threshold_hit else "a monitor warned and monitors.stop_on_warning is set")
+            if main_proc:
+                print(f"grpo: {why} at step {done}; stopping", flush=True)
+            stopped_early = True
+            break
+    bar.close()
+
+    # ---- save ------------------------------------------------------------------------------------
+    if main_proc:
+        final = save_model(policy, tokenizer, run_dir / "final")
+        metrics.close()
+        print(f"grpo: done in {time.time() - t0:.1f}s{' (early stop)' if stopped_early else ''} | "
+              f"policy saved to {final}", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
