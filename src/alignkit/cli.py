@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from alignkit.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig, field_help
+from alignkit.config import DPOConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig, field_help
 from alignkit.errors import AlignkitError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model loads from local files
@@ -30,7 +30,7 @@ app = typer.Typer(
          "`alignkit train RECIPE --help` lists every config key with its default.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]})
-train_app = typer.Typer(help="Train a model: sft, reward, dpo, ppo.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: sft, reward, dpo, ppo, grpo.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and convert models.", no_args_is_help=True)
 prefs_app = typer.Typer(help="Preference data: sample candidates, validate, rankings -> pairs, AI judging.",
                         no_args_is_help=True)
@@ -263,6 +263,22 @@ def train_ppo(
     from alignkit.recipes import ppo
 
     _train(PPOConfig, ppo.main, config, overrides, resume, overwrite)
+
+
+@train_app.command("grpo", epilog=_epilog(GRPOConfig))
+def train_grpo(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: Optional[Path] = CONFIG_OPT, resume: Optional[Path] = RESUME_OPT, overwrite: bool = OVERWRITE_OPT,
+):
+    """Critic-free RL: GRPO, Dr. GRPO or RLOO (advantage=...), group_size completions per prompt.
+
+    No value head: each completion's baseline is its group. The reward is a reward-model run, a judge
+    YAML or a Python function, as for PPO; KL to the adapter-disabled base in the loss (k3) or in the reward.
+    Example: alignkit train grpo --config configs/grpo.yaml reward=configs/judge_safety.yaml max_steps=20
+    """
+    from alignkit.recipes import grpo
+
+    _train(GRPOConfig, grpo.main, config, overrides, resume, overwrite)
 
 
 @app.command("eval")
