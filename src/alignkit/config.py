@@ -131,6 +131,9 @@ class MonitorSettings(Strict):
     """Warn when mean response length moves more than this fraction away from the first step."""
     min_distinct_2: float = Field(0.3, ge=0, le=1)
     """Warn when distinct-2 (unique bigrams / bigrams) falls below this: repetitive output."""
+    max_repetition: float = Field(0.3, ge=0, le=1)
+    """Warn when the mean per-reply repetition (share of a reply's word 3-grams repeating an earlier
+    one of the same reply) exceeds this: one reply looping on itself."""
     window: int = Field(3, ge=1)
     """Steps per window when comparing the reward's and the judge's trends."""
     stop_on_warning: bool = False

@@ -1,7 +1,7 @@
 """Reward-hacking monitors on hand-made histories."""
 
 from alignkit.config import MonitorSettings
-from alignkit.evaluate.monitors import check
+from alignkit.evaluate.monitors import check, mean_repetition, repetition
 
 
 def rec(step, score=0.0, kl=0.0, length=20.0, distinct=0.9, judge=None):
@@ -29,3 +29,22 @@ def test_reward_up_judge_down_is_divergence():
     assert warnings == ["reward and independent judge diverge over the last 4 steps: score +0.200, judge -0.200"]
     both_up = [rec(i, 0.1 * i, judge=0.1 * i) for i in range(1, 5)]
     assert check(both_up, MonitorSettings(window=2)) == []
+
+
+def test_per_reply_repetition_by_hand():
+    """Words are \\w+ runs. "In-Context-In-Context-In-Context" -> in context in context in context:
+    3-grams (in context in), (context in context), (in context in), (context in context): 2 of 4
+    repeat an earlier one -> 0.5. Four distinct words -> 2 distinct 3-grams -> 0. Two words -> 0."""
+    assert repetition("Syntactically In-Context-In-Context-In-Context") == 1 - 3 / 5
+    assert repetition("In-Context-In-Context-In-Context") == 0.5
+    assert repetition("sorry about your kettle") == 0.0
+    assert repetition("two words") == 0.0
+    assert mean_repetition(["In-Context-In-Context-In-Context", "sorry about your kettle"]) == 0.25
+    assert mean_repetition([]) == 0.0
+
+
+def test_looping_reply_warns_even_when_the_batch_is_varied():
+    history = [rec(1), {**rec(2), "repetition": 0.6}]
+    assert check(history, MonitorSettings()) == [
+        "degenerate output: 60% of each reply's word 3-grams repeat an earlier one of the same reply (above 30%)"]
+    assert check([rec(1), {**rec(2), "repetition": 0.1}], MonitorSettings()) == []
