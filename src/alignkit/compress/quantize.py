@@ -26,8 +26,12 @@ about 40% or 25% of the float32 one.
 A saved directory holds config.json, the tokenizer, `quantized.pt` (the state dict with torchao's
 quantized tensors, loadable with torch.load(weights_only=True)) and `quantize.json` (method, group
 size, observer, calibration stats, per-layer errors), plus `embedding_int8.pt` with an int8 embedding.
-torchao's int4 tensor keeps one value per int8
-byte, so int4 and int8 files are about the same size; the saving over float32 is about 4x for both.
+
+torchao's int4 tensor keeps one value per int8 byte. On disk an int4-weight directory stores two
+values per byte instead (`int4_packed.pt`: per layer the packed nibbles, the per-group scales and
+zero points, and the group size); `load_quantized` unpacks them back into torchao's tensor, so what
+runs after loading is bit-for-bit what ran before saving. Memory after loading is torchao's
+(one byte per value), so int4 halves the file, not the resident weights.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ OBSERVERS = ("minmax", "percentile")
 EMBEDDINGS = ("float", "int8")
 WEIGHTS_FILE = "quantized.pt"
 EMBEDDING_FILE = "embedding_int8.pt"
+PACKED_FILE = "int4_packed.pt"
 REPORT_FILE = "quantize.json"
 META_FILE = "alignkit.json"  # the same name loading.py reads: it tells a quantized directory apart
 DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "data" / "examples" / "shop_sft.jsonl"
@@ -108,6 +113,29 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     groups = scale.shape[1]
     g = q.float().reshape(out_features, groups, in_features // groups)
     return ((g - zero.float()[..., None]) * scale[..., None]).reshape(out_features, in_features)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two int4 values per byte: (out, in) int8 in [-8, 7] -> (out, ceil(in / 2)) uint8.
+
+    Each value is stored offset by 8 (so 0..15); column 2j goes to the low nibble of byte j and
+    column 2j + 1 to the high nibble. An odd last column is paired with a zero nibble.
+    """
+    if q.dim() != 2 or q.dtype != torch.int8:
+        raise QuantizeError(f"pack_int4 expects a 2-D int8 tensor, got {q.dtype} of shape {tuple(q.shape)}")
+    if q.numel() and (q.min() < -8 or q.max() > 7):
+        raise QuantizeError("pack_int4: values outside the int4 range [-8, 7]")
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = F.pad(u, (0, 1), value=8)  # a nibble for value 0, dropped again by unpack_int4
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of pack_int4: (out, ceil(in / 2)) uint8 -> (out, in_features) int8 in [-8, 7]."""
+    low = (packed & 0x0F).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=-1).flatten(1)[:, :in_features].contiguous()
 
 
 def rtn_weight(w: torch.Tensor, method: str, group_size: int) -> torch.Tensor:
@@ -346,6 +374,34 @@ def format_error_table(layers: list[LayerError], limit: int | None = None) -> st
 # Save and load
 
 
+def is_int4_tensor(t) -> bool:
+    """A torchao int4 weight that keeps one value per int8 byte (IntxUnpackedToInt8Tensor of int4)."""
+    return type(t).__name__ == "IntxUnpackedToInt8Tensor" and t.target_dtype == torch.int4
+
+
+def packed_int4_entry(t) -> dict:
+    """What int4_packed.pt keeps of one torchao int4 weight: nibbles, scales, zero points, layout."""
+    if t.qdata.dim() != 2 or t.activation_quantization is not None:
+        raise QuantizeError(f"cannot pack an int4 tensor of shape {tuple(t.qdata.shape)} with activation "
+                            f"quantization {t.activation_quantization}")
+    # Symmetric int4 (torchao's default here) has all-zero zero points: not stored, rebuilt at load.
+    zero = None if not t.zero_point.any() else t.zero_point
+    return {"packed": pack_int4(t.qdata), "in_features": t.qdata.shape[1], "scale": t.scale,
+            "zero_point": zero, "zero_point_dtype": str(t.zero_point.dtype).removeprefix("torch."),
+            "block_size": list(t.block_size), "dtype": str(t.dtype).removeprefix("torch.")}
+
+
+def unpacked_int4_tensor(entry: dict):
+    """torchao's int4 weight rebuilt from a packed_int4_entry; equal to the tensor that was packed."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    scale, zero = entry["scale"], entry["zero_point"]
+    if zero is None:
+        zero = torch.zeros(scale.shape, dtype=getattr(torch, entry["zero_point_dtype"]), device=scale.device)
+    return IntxUnpackedToInt8Tensor(unpack_int4(entry["packed"], entry["in_features"]), scale, zero, torch.int4,
+                                    tuple(entry["block_size"]), getattr(torch, entry["dtype"]), None)
+
+
 def save_quantized(quantized: nn.Module, tokenizer, out_dir: Path, report: dict) -> Path:
     """Write config, tokenizer, quantized state dict and the report; the directory appears whole or not at all."""
     with atomic_dir(Path(out_dir)) as tmp:
@@ -357,8 +413,13 @@ def save_quantized(quantized: nn.Module, tokenizer, out_dir: Path, report: dict)
             q, scale, _ = quantize_rtn(state[keys[0]], 8)  # exact: the weight is already on this grid
             torch.save({"keys": keys, "q": q, "scale": scale}, tmp / EMBEDDING_FILE)
             state = {k: v for k, v in state.items() if k not in keys}
+        packed = {k: packed_int4_entry(v) for k, v in state.items() if is_int4_tensor(v)}
+        if packed:
+            torch.save(packed, tmp / PACKED_FILE)
+            state = {k: v for k, v in state.items() if k not in packed}
         torch.save(state, tmp / WEIGHTS_FILE)
-        report["weights_file_bytes"] = sum((tmp / f).stat().st_size for f in (WEIGHTS_FILE, EMBEDDING_FILE)
+        report["weights_file_bytes"] = sum((tmp / f).stat().st_size
+                                           for f in (WEIGHTS_FILE, EMBEDDING_FILE, PACKED_FILE)
                                            if (tmp / f).is_file())
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         (tmp / META_FILE).write_text(json.dumps({"kind": "quantized", "method": report["method"],
@@ -383,6 +444,9 @@ def load_quantized(path: Path, device: str | torch.device = "cpu"):
             emb = torch.load(path / EMBEDDING_FILE, map_location=device, weights_only=True)
             weight = dequantize(emb["q"], emb["scale"], torch.zeros_like(emb["q"][:, :1]))
             state.update({k: weight for k in emb["keys"]})
+        if (path / PACKED_FILE).is_file():
+            packed = torch.load(path / PACKED_FILE, map_location=device, weights_only=True)
+            state.update({k: unpacked_int4_tensor(entry) for k, entry in packed.items()})
     except Exception as e:
         raise ModelLoadError(f"{path / WEIGHTS_FILE}: cannot load: {e}") from None
     config = AutoConfig.from_pretrained(path)

@@ -79,6 +79,22 @@ def disk_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
+def weights_kind(directory: Path) -> str:
+    """How a model directory stores its weights: 'float', or the method recorded in quantize.json."""
+    path = Path(directory) / "quantize.json"
+    if not path.is_file():
+        return "float"
+    recorded = json.loads(path.read_text())
+    kind = recorded.get("method", "quantized")
+    if recorded.get("group_size"):
+        kind += f" g{recorded['group_size']}"
+    if (Path(directory) / "int4_packed.pt").is_file():
+        kind += " (2 per byte)"
+    if recorded.get("embedding") == "int8":
+        kind += ", int8 embedding"
+    return kind
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(total, non-zero) parameters; quantized tensors are counted by their logical shape, after dequantizing."""
     total = nonzero = 0
@@ -170,7 +186,8 @@ def measure(specs: dict[str, str], *, eval_text: Path | None = None, max_length:
             reference = reference_logprobs(model, rows)
         total, nonzero = count_parameters(model)
         row = {"name": name, "model": spec, "parameters": total, "nonzero_parameters": nonzero,
-               "disk_bytes": disk_bytes(model_dir(spec)), **quality(model, rows, reference)}
+               "weights": weights_kind(model_dir(spec)), "disk_bytes": disk_bytes(model_dir(spec)),
+               **quality(model, rows, reference)}
         if reward_fn is not None:
             row.update(reward_and_toxicity(model, tokenizer, reward_fn, prompts, 32))
         del model
@@ -187,7 +204,7 @@ def measure(specs: dict[str, str], *, eval_text: Path | None = None, max_length:
 def markdown(results: list[dict], threads: int) -> str:
     """The side-by-side table, baseline first."""
     reward = "reward" in results[0]
-    head = ["model", "params (M)", "non-zero (M)", "disk (MB)", "size ratio", "peak RSS (MB)",
+    head = ["model", "weights", "params (M)", "non-zero (M)", "disk (MB)", "size ratio", "peak RSS (MB)",
             "tok/s b1", "tok/s b8", "perplexity", "ppl ratio", "top-1 agree", "KL"]
     head += ["reward", "toxicity"] if reward else []
     lines = ["# Compression report", "",
@@ -199,7 +216,7 @@ def markdown(results: list[dict], threads: int) -> str:
         return format(r[key] / scale, fmt) if key in r else "not measured"
 
     for r in results:
-        cells = [r["name"], f"{r['parameters'] / 1e6:.2f}", f"{r['nonzero_parameters'] / 1e6:.2f}",
+        cells = [r["name"], r["weights"], f"{r['parameters'] / 1e6:.2f}", f"{r['nonzero_parameters'] / 1e6:.2f}",
                  f"{r['disk_bytes'] / 1e6:.1f}", f"{r['size_ratio']:.3f}", num(r, "peak_rss", ".0f", 1e6),
                  num(r, "tokens_per_s_batch1", ".1f"), num(r, "tokens_per_s_batch8", ".1f"), f"{r['perplexity']:.3f}",
                  f"{r['perplexity_ratio']:.3f}", f"{r['top1_agreement']:.3f}", f"{r['kl_vs_baseline']:.3g}"]
