@@ -76,3 +76,67 @@ def test_reward_score_single_and_file(tmp_path, tiny_model_dir):
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     assert abs(recs[0]["reward_chosen"] - expected) < 1e-5 and abs(recs[1]["reward"] - expected) < 1e-5
     assert "reward_rejected" in recs[0]
+
+
+def _sample_args(tiny_model_dir, prompts, out):
+    return ["prefs", "sample", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--n", "2",
+            "--batch-size", "2", "--out", str(out), "--max-new-tokens", "12", "--device", "cpu"]
+
+
+def test_sample_resumes_after_sigkill_to_the_uninterrupted_file(tmp_path, tiny_model_dir):
+    """Kill `prefs sample` (SIGKILL) once some batches are on disk, tear its last line by hand, run
+    it again: the file equals, byte for byte, the one an uninterrupted run wrote."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Question number {i}: what now?\n" for i in range(60)))
+    full, killed = tmp_path / "full.jsonl", tmp_path / "killed.jsonl"
+    result = runner.invoke(app, _sample_args(tiny_model_dir, prompts, full))
+    assert result.exit_code == 0, result.output
+    # Same thread count as this process, so the two processes compute the same floats.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", *_sample_args(tiny_model_dir, prompts, killed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / ".killed.jsonl.progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and json.loads(progress.read_text() or "{}").get("done", 0) >= 4:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not after finishing
+    state = json.loads(progress.read_text())
+    assert not state["complete"] and 0 < state["done"] < 60
+    kept = killed.read_bytes()[:state["bytes"]]
+    assert full.read_bytes().startswith(kept)
+    with open(killed, "a") as f:
+        f.write('{"prompt": "Question number 9')  # a torn last line: dropped and redone
+    result = runner.invoke(app, _sample_args(tiny_model_dir, prompts, killed))
+    assert result.exit_code == 0, result.output
+    assert f"resumed after {state['done']} of 60 prompt(s)" in result.output
+    assert killed.read_bytes() == full.read_bytes()
+    again = runner.invoke(app, _sample_args(tiny_model_dir, prompts, killed))  # finished: nothing to redo
+    assert again.exit_code == 0 and "resumed" in again.output and killed.read_bytes() == full.read_bytes()
+
+
+def test_sample_refuses_to_continue_with_other_arguments(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("One?\nTwo?\nThree?\n")
+    out = tmp_path / "c.jsonl"
+    from alignkit.io import ResumableJsonl
+
+    # An unfinished job of another seed owns the file.
+    ResumableJsonl(out, {"command": "prefs sample", "seed": 5}).append([{"prompt": "One?"}], done=1)
+    result = runner.invoke(app, _sample_args(tiny_model_dir, prompts, out))
+    assert result.exit_code != 0 and "--restart" in str(result.exception)
+    result = runner.invoke(app, _sample_args(tiny_model_dir, prompts, out) + ["--restart"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(l)["prompt"] for l in out.read_text().splitlines()] == ["One?", "Two?", "Three?"]

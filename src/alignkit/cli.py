@@ -23,7 +23,19 @@ from alignkit.errors import AlignkitError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model loads from local files
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _exit_3_when_input_was_skipped(*_results, **_params) -> None:
+    """After a command that used what it could of a damaged input, say so in the exit code (3)."""
+    from alignkit.io import take_skipped
+
+    skipped = take_skipped()
+    if skipped:
+        print(f"warning: {len(skipped)} bad input part(s) skipped, each named above; exit code 3", file=sys.stderr)
+        raise typer.Exit(3)
+
+
 app = typer.Typer(
+    result_callback=_exit_3_when_input_was_skipped,
     help="alignkit: align, evaluate, compress and apply language models.\n\n"
          "Start with `alignkit generate --prompt 'Hello'` (the embedded SmolLM2-135M-Instruct is the "
          "default model), then `alignkit train sft --config configs/sft.yaml`. Every command has --help; "
@@ -204,6 +216,7 @@ OVERRIDES_HELP = "key.sub=value overrides, e.g. lora.r=16 max_steps=20"
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="YAML config file.")
 RESUME_OPT = typer.Option(None, help="Continue a run directory from its newest checkpoint.")
 OVERWRITE_OPT = typer.Option(False, help="Delete an existing run directory of the same name first.")
+RESTART_OPT = typer.Option(False, help="Start over instead of continuing an unfinished output of this command.")
 
 
 @train_app.command("sft", epilog=_epilog(SFTConfig))
@@ -441,34 +454,24 @@ def prefs_sample(
     seed: int = typer.Option(0, help="Seed for repeatable samples."),
     batch_size: int = typer.Option(8, help="Sequences generated at once."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    restart: bool = RESTART_OPT,
 ):
-    """Sample n completions per prompt into a rankings file for labeling."""
-    from tqdm.auto import tqdm
+    """Sample n completions per prompt into a rankings file for labeling.
 
-    from alignkit.data.prompts import load_prompts
-    from alignkit.io import write_jsonl
-    from alignkit.models import generate as gen, load_model
+    Records are appended batch by batch: after a crash or Ctrl-C, the same command again continues
+    where it stopped and finishes the file an uninterrupted run would have written.
+    Example: alignkit prefs sample --prompts prompts.txt --n 4 --out candidates.jsonl
+    """
+    from alignkit.data.sampling import sample_candidates
 
     if n < 2:
         raise AlignkitError("--n must be at least 2: a ranking needs two completions")
-    items = load_prompts(prompts)
-    m, tok = load_model(model, device=device)
-    flat = [p for p in items for _ in range(n)]
-    texts: list[str] = []
-    for start in tqdm(range(0, len(flat), batch_size), desc="sampling", unit="batch"):
-        texts += gen(m, tok, flat[start:start + batch_size], max_new_tokens=max_new_tokens,
-                     temperature=temperature, top_p=top_p, seed=seed + start).texts
-    records, skipped = [], []
-    for i, p in enumerate(items):
-        comps = texts[i * n:(i + 1) * n]
-        if sum(1 for c in comps if c.strip()) < 2:
-            skipped.append(f"prompt {i + 1}: fewer than 2 non-empty completions")
-            continue
-        records.append({"prompt": p, "completions": [c for c in comps if c.strip()], "ranks": [],
-                        "labeler": None, "model": model})
-    write_jsonl(out, records)
-    print(f"wrote {len(records)} prompt(s) with up to {n} completions each to {out}")
-    for reason in skipped:
+    s = sample_candidates(prompts, out, model=model, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, seed=seed, batch_size=batch_size, device=device, restart=restart)
+    if s["resumed_at"]:
+        print(f"resumed after {s['resumed_at']} of {s['prompts']} prompt(s) already in {out}")
+    print(f"wrote {s['written']} prompt(s) with up to {n} completions each to {out}")
+    for reason in s["skipped"]:
         print(f"  skipped {reason}")
 
 
@@ -482,8 +485,11 @@ def prefs_judge(
                                                          "pairs (margin = score difference)."),
     min_margin: float = typer.Option(0.0, help="pairs only: skip pairs whose scores differ by less than this "
                                                "(a judge's near-ties are mostly noise)."),
+    restart: bool = RESTART_OPT,
 ):
     """Label candidates with an AI judge; the judge is recorded as the labeler.
+
+    Judged records are appended chunk by chunk; the same command again continues a killed run.
 
     Example: alignkit prefs judge --candidates cands.jsonl --judge configs/judge.yaml --out pairs.jsonl --format pairs
     """
@@ -493,7 +499,7 @@ def prefs_judge(
         raise AlignkitError(f"--format must be rankings or pairs, not {fmt!r}")
     if min_margin < 0:
         raise AlignkitError(f"--min-margin must be >= 0, not {min_margin}")
-    s = judge_file(candidates, judge, out, fmt, min_margin=min_margin)
+    s = judge_file(candidates, judge, out, fmt, min_margin=min_margin, restart=restart)
     print(f"{s['records_in']} record(s), {s['completions_scored']} completion(s) scored by {s['labeler']}; "
           f"{s['records_out']} {s['format']} record(s) written to {out}")
 

@@ -1,15 +1,19 @@
-"""Files that are either complete or absent: atomic writes, atomic directories, and JSONL reading with line numbers."""
+"""Files that are either complete or absent (atomic writes and directories), JSONL reading with line
+numbers that can salvage the good lines of a damaged file, and outputs that long jobs append to batch
+by batch and resume after a kill."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
-from alignkit.errors import DataError
+from alignkit.errors import AlignkitError, DataError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -126,3 +130,131 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             break  # a line cut short by the kill
     atomic_write_text(path, "".join(l + "\n" for l in kept))
+
+
+# --- salvage: a bad line costs only itself ------------------------------------------------------
+
+_skipped: list[str] = []
+
+
+def note_skipped(path: Path, problem: str) -> None:
+    """Say on stderr that part of an input was skipped (naming file and line) and remember it, so the
+    command can end with a non-zero exit code once everything usable has been used."""
+    where = f"{path}:{problem.removeprefix('line ')}" if problem.startswith("line ") else f"{path}: {problem}"
+    print(f"warning: {where} (skipped)", file=sys.stderr)
+    _skipped.append(where)
+
+
+def take_skipped() -> list[str]:
+    """What was skipped since the last call (and forget it): the CLI turns it into exit code 3."""
+    out = _skipped[:]
+    _skipped.clear()
+    return out
+
+
+def read_jsonl_salvaged(path: Path) -> list[tuple[int, dict]]:
+    """Like read_jsonl, but a bad line (invalid JSON, not an object, cut short) is named on stderr and
+    skipped, and the good lines are used; DataError only when no usable line is left."""
+    rows, problems = scan_jsonl(path)
+    if not rows:
+        raise DataError(path, problems)
+    for problem in problems:
+        note_skipped(Path(path), problem)
+    return rows
+
+
+# --- resumable outputs: long jobs write as they go ---------------------------------------------
+
+def batch_seed(seed: int, index: int) -> int:
+    """The sampling seed of the batch (or record) at `index`: a pure function of the base seed and the
+    position, so a resumed run samples exactly what an uninterrupted one did."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, for a job's fingerprint: changed input, different job."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class ResumableJsonl:
+    """A JSONL output written batch by batch, which a rerun with the same arguments continues.
+
+    Beside OUT lives `.OUT.progress.json`: the job's fingerprint (its arguments and inputs), how many
+    units (batches, records) are done, and how many bytes of OUT hold them. After every batch the
+    records are appended and synced, then the progress file is replaced atomically, so after a kill
+    OUT is cut back to the last recorded size: a torn last line, or a batch written but not recorded,
+    is dropped and done again, never kept.
+
+    A rerun with another fingerprint starts over when the earlier job had finished (the old
+    behaviour: the output is replaced) and is refused while it had not, unless `restart` is given,
+    since that would throw away finished work.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict, *, restart: bool = False):
+        self.path = Path(path)
+        self.progress_path = self.path.with_name(f".{self.path.name}.progress.json")
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it will read back from the file
+        saved = self._read_progress()
+        if saved is not None and not restart and saved.get("fingerprint") != self.fingerprint \
+                and not saved.get("complete"):
+            changed = sorted(k for k in set(self.fingerprint) | set(saved.get("fingerprint", {}))
+                             if self.fingerprint.get(k) != saved.get("fingerprint", {}).get(k))
+            raise AlignkitError(f"{self.path}: holds an unfinished job with other arguments ({', '.join(changed)} "
+                                "differ); rerun with the same ones to continue it, or pass --restart to start over")
+        size = self.path.stat().st_size if self.path.exists() else 0
+        resumable = (saved is not None and not restart and saved.get("fingerprint") == self.fingerprint
+                     and saved.get("bytes", 0) <= size)
+        self.done = saved["done"] if resumable else 0
+        self.complete = bool(saved.get("complete")) if resumable else False
+        self.state = saved.get("state", {}) if resumable else {}
+        self.dropped_bytes = size - saved["bytes"] if resumable else 0
+        keep = saved["bytes"] if resumable else 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as f:
+            f.truncate(keep)
+        self._bytes = keep
+        if not resumable:
+            self._write_progress()
+
+    def _read_progress(self) -> dict | None:
+        try:
+            return json.loads(self.progress_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _write_progress(self) -> None:
+        atomic_write_text(self.progress_path, json.dumps(
+            {"fingerprint": self.fingerprint, "done": self.done, "bytes": self._bytes,
+             "complete": self.complete, "state": self.state}))
+
+    @property
+    def resumed(self) -> bool:
+        """True when earlier work is being continued (or was already complete)."""
+        return self.done > 0 or self.complete
+
+    def records(self) -> list[dict]:
+        """The records already in the output (after the cut)."""
+        text = self.path.read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def save_state(self, **state) -> None:
+        """Keep extra job state (e.g. generated inputs of later batches) with the progress."""
+        self.state.update(state)
+        self._write_progress()
+
+    def append(self, records, done: int) -> None:
+        """Append one finished batch of records, then record `done` units as finished."""
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._bytes += len(data)
+        self.done = done
+        self._write_progress()
+
+    def finish(self) -> None:
+        """Mark the job complete: a rerun with the same arguments then has nothing left to do."""
+        self.complete = True
+        self._write_progress()

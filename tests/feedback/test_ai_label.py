@@ -86,14 +86,62 @@ def test_pairs_output_has_margins_and_skips_ties(candidates, tmp_path):
     assert converted == {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs}
 
 
-def test_bad_candidates_are_reported_by_line_and_nothing_is_written(tmp_path):
+def test_bad_candidates_are_named_and_skipped_and_the_rest_judged(tmp_path, capsys):
+    from alignkit.io import take_skipped
+
+    take_skipped()
     path = tmp_path / "candidates.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "completions": ["Hello"]}) + "\n"
                     + json.dumps({"prompt": "Hi", "completions": ["Hello", "Hey"]}) + "\n"
-                    + json.dumps({"completions": ["a", "b"]}) + "\n")
+                    + json.dumps({"completions": ["a", "b"]}) + "\n" + '{"prompt": "cut sho')
+    (tmp_path / "judge.yaml").write_text(JUDGE_YAML)
+    summary = judge_file(path, tmp_path / "judge.yaml", tmp_path / "out.jsonl", progress=False)
+    err = capsys.readouterr().err
+    assert f"{path}:1: field 'completions' must be a list of at least 2 strings" in err
+    assert f"{path}:3: missing field 'prompt'" in err and f"{path}:4: invalid JSON" in err
+    assert len(take_skipped()) == 3  # the CLI exits 3: something was skipped
+    assert summary["records_in"] == 1
+    assert [r["completions"] for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())] == [
+        ["Hello", "Hey"]]
+
+
+def test_unusable_candidates_are_refused_and_nothing_is_written(tmp_path):
+    path = tmp_path / "candidates.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "completions": ["Hello"]}) + "\n" + "{oops\n")
     (tmp_path / "judge.yaml").write_text(JUDGE_YAML)
     with pytest.raises(DataError) as info:
         judge_file(path, tmp_path / "judge.yaml", tmp_path / "out.jsonl", progress=False)
     assert "line 1: field 'completions' must be a list of at least 2 strings" in str(info.value)
-    assert "line 3: missing field 'prompt'" in str(info.value)
+    assert "line 2: invalid JSON" in str(info.value)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_judging_resumes_chunk_by_chunk_to_the_uninterrupted_file(candidates, tmp_path):
+    """A run stopped after its first chunk (the progress file says one chunk is done, and a torn
+    line follows it) continues with the second chunk and ends with the uninterrupted run's file."""
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    for fmt in ("rankings", "pairs"):
+        judge_file(candidates, tmp_path / "judge.yaml", full, fmt, chunk_size=1, progress=False)
+
+        class StopAfterFirstChunk(Exception):
+            pass
+
+        from alignkit.io import ResumableJsonl
+
+        original = ResumableJsonl.append
+
+        def append_then_stop(self, records, done):
+            original(self, records, done)
+            raise StopAfterFirstChunk
+
+        ResumableJsonl.append = append_then_stop
+        try:
+            with pytest.raises(StopAfterFirstChunk):
+                judge_file(candidates, tmp_path / "judge.yaml", part, fmt, chunk_size=1, progress=False)
+        finally:
+            ResumableJsonl.append = original
+        assert len(part.read_text().splitlines()) < len(full.read_text().splitlines())
+        with open(part, "a") as f:
+            f.write('{"prompt": "half a li')
+        judge_file(candidates, tmp_path / "judge.yaml", part, fmt, chunk_size=1, progress=False)
+        assert part.read_bytes() == full.read_bytes(), fmt

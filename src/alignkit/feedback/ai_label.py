@@ -18,7 +18,6 @@ This is labeling by AI feedback as in RLAIF (Bai et al. 2022, Constitutional AI;
 from __future__ import annotations
 
 import itertools
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from alignkit.data.prefs import validate
 from alignkit.errors import AlignkitError, DataError
 from alignkit.evaluate.judges import ComposedJudge, JudgeConfig, build_judge, load_judge
-from alignkit.io import atomic_write_text
+from alignkit.io import ResumableJsonl, file_digest, note_skipped
 
 TIE_DECIMALS = 6  # scores this close come from float noise of batching, not from the judge
 
@@ -61,20 +60,26 @@ def pairs_from_scores(prompt: str, completions: list[str], scores: list[float],
 
 def judge_file(candidates_path: Path | str, judge_config: Path | str | JudgeConfig | ComposedJudge,
                out_path: Path | str, fmt: Literal["rankings", "pairs"] = "rankings", *,
-               chunk_size: int = 16, progress: bool = True, min_margin: float = 0.0) -> dict:
-    """Score every candidate completion with the judge and write rankings or pairs atomically.
+               chunk_size: int = 16, progress: bool = True, min_margin: float = 0.0,
+               restart: bool = False) -> dict:
+    """Score every candidate completion with the judge and write rankings or pairs, chunk by chunk.
 
     `judge_config` is a judge YAML file, a JudgeConfig, or an already built ComposedJudge. The input
-    is checked before any model is loaded; a DataError lists every bad line. Returns a summary:
-    records in and out, completions scored, ties, the labeler string and, with categories, how many
-    completions fell in each.
+    is checked before any model is loaded: a bad line is named on stderr and skipped (DataError when
+    no usable line is left). Each chunk of `chunk_size` records is appended to the output once
+    judged, so a killed run, started again with the same arguments, continues with the next chunk
+    and ends with the file an uninterrupted run writes. Returns a summary: records in and out,
+    completions scored, ties, the labeler string and, with categories, how many completions fell in
+    each (of this run's chunks).
     """
     if fmt not in ("rankings", "pairs"):
         raise AlignkitError(f"--format must be 'rankings' or 'pairs', got {fmt!r}")
     candidates_path, out_path = Path(candidates_path), Path(out_path)
     _, records, problems = validate(candidates_path, "rankings")
-    if problems:
-        raise DataError(candidates_path, problems)
+    if not records:
+        raise DataError(candidates_path, problems or ["no records (the file is empty)"])
+    for problem in problems:
+        note_skipped(candidates_path, problem)
     records = [rec for _, rec in records]
 
     if isinstance(judge_config, ComposedJudge):
@@ -84,38 +89,48 @@ def judge_file(candidates_path: Path | str, judge_config: Path | str | JudgeConf
     else:
         judge = load_judge(Path(judge_config))
     labeler = f"judge:{judge.name}"
-
+    judge_id = file_digest(judge_config) if isinstance(judge_config, (str, Path)) else labeler
+    writer = ResumableJsonl(out_path, {"command": "prefs judge", "candidates": file_digest(candidates_path),
+                                       "judge": judge_id, "format": fmt, "min_margin": min_margin,
+                                       "chunk_size": chunk_size}, restart=restart)
+    # Two records with one prompt may share completions; the pairs file takes each pair once, also
+    # across a restart, so the pairs already written count as seen.
+    seen_pairs = {(r["prompt"], r["chosen"].strip(), r["rejected"].strip())
+                  for r in writer.records()} if fmt == "pairs" else set()
+    ties = writer.state.get("ties", 0)
     n_completions = sum(len(rec["completions"]) for rec in records)
-    scored = []
-    with tqdm(total=n_completions, desc="judging", unit="completion", disable=not progress) as bar:
+    done_completions = sum(len(rec["completions"]) for rec in records[:writer.done])
+    categories: Counter = Counter()
+    with tqdm(total=n_completions, initial=done_completions, desc="judging", unit="completion",
+              disable=not progress) as bar:
         # Chunks of records keep batches of model judges full while the bar still moves.
-        for start in range(0, len(records), chunk_size):
+        for start in range(writer.done, len(records), chunk_size):
             chunk = records[start:start + chunk_size]
-            scored.extend(judge.score_groups([r["prompt"] for r in chunk], [r["completions"] for r in chunk]))
+            scored = judge.score_groups([r["prompt"] for r in chunk], [r["completions"] for r in chunk])
+            out_records = []
+            for rec, results in zip(chunk, scored):
+                scores = [s.total for s in results]
+                categories.update(s.category for s in results)
+                if fmt == "rankings":
+                    out_records.append({**rec, "ranks": ranks_from_scores(scores), "labeler": labeler,
+                                        "scores": [round(s, TIE_DECIMALS) for s in scores]})
+                    continue
+                pairs, n_ties = pairs_from_scores(rec["prompt"], rec["completions"], scores, labeler, min_margin)
+                ties += n_ties
+                for pair in pairs:
+                    key = (pair["prompt"], pair["chosen"].strip(), pair["rejected"].strip())
+                    if key not in seen_pairs:
+                        seen_pairs.add(key)
+                        out_records.append(pair)
+            writer.state["ties"] = ties
+            writer.append(out_records, done=start + len(chunk))
             bar.update(sum(len(r["completions"]) for r in chunk))
-
-    out_records, ties, seen_pairs = [], 0, set()
-    for rec, results in zip(records, scored):
-        scores = [s.total for s in results]
-        if fmt == "rankings":
-            out_records.append({**rec, "ranks": ranks_from_scores(scores), "labeler": labeler,
-                                "scores": [round(s, TIE_DECIMALS) for s in scores]})
-        else:
-            pairs, n_ties = pairs_from_scores(rec["prompt"], rec["completions"], scores, labeler, min_margin)
-            ties += n_ties
-            for pair in pairs:
-                # Two records with one prompt may share completions; the pairs file takes each pair once.
-                key = (pair["prompt"], pair["chosen"].strip(), pair["rejected"].strip())
-                if key not in seen_pairs:
-                    seen_pairs.add(key)
-                    out_records.append(pair)
-    atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_records))
+    writer.finish()
 
     summary = {"records_in": len(records), "completions_scored": n_completions, "format": fmt,
-               "records_out": len(out_records), "labeler": labeler, "out": str(out_path)}
+               "records_out": len(writer.records()), "labeler": labeler, "out": str(out_path)}
     if fmt == "pairs":
         summary["tied_pairs_skipped"] = ties
     if judge.categories is not None:
-        counts = Counter(s.category for results in scored for s in results)
-        summary["categories"] = {label: counts.get(label, 0) for label in judge.categories.labels}
+        summary["categories"] = {label: categories.get(label, 0) for label in judge.categories.labels}
     return summary
