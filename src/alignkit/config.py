@@ -95,6 +95,9 @@ class RewardData(Strict):
     """Pairs JSONL: {"prompt","chosen","rejected","margin"?}."""
     eval: Path | None = None
     """Optional held-out pairs, for accuracy and loss."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Without `eval`: hold out this share of the training prompts (all their pairs, chosen by the
+    seed) as the held-out set, e.g. 0.1; 0 holds out nothing."""
     max_length: int = Field(512, ge=8)
     """Tokens per prompt+completion; longer ones keep their last max_length tokens."""
 

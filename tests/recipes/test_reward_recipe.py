@@ -85,3 +85,26 @@ def test_soft_labels_use_each_pairs_probability(tiny):
     assert torch.allclose(soft, soft_bradley_terry_loss(rc, rr, torch.tensor([0.7, 1.0])))
     assert torch.allclose(hard, bradley_terry_loss(rc, rr)) and torch.allclose(margin, rc - rr)
     assert soft[1] == pytest.approx(hard[1].item()) and soft[0] != pytest.approx(hard[0].item())
+
+
+def test_split_by_prompt_holds_out_whole_prompts():
+    """10 prompts x 3 pairs, fraction 0.2: 2 prompts (6 pairs) held out, none of them in training."""
+    pairs = [{"prompt": f"p{i}", "chosen": f"c{j}", "rejected": "r"} for i in range(10) for j in range(3)]
+    train, held = reward.split_by_prompt(pairs, 0.2, seed=0)
+    assert len(held) == 6 and len(train) == 24
+    assert not {p["prompt"] for p in held} & {p["prompt"] for p in train}
+    assert reward.split_by_prompt(pairs, 0.2, seed=0) == (train, held)  # seeded: the same split again
+    assert reward.split_by_prompt(pairs, 0.2, seed=1)[1] != held
+    with pytest.raises(Exception, match="at least 2 prompts"):
+        reward.split_by_prompt(pairs[:3], 0.5, seed=0)
+
+
+def test_eval_fraction_gives_a_held_out_accuracy(tmp_path, tiny_model_dir, pair_files, capsys):
+    cfg = config(tmp_path, tiny_model_dir, *pair_files, run_name="rm_split", max_steps=2, save_every=2)
+    cfg.data.eval, cfg.data.eval_fraction = None, 0.25
+    run_dir = reward.main(cfg)
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_accuracy" in records[0] and "eval_accuracy" in records[-1]
+    out = capsys.readouterr().out
+    assert f"held-out pair accuracy {records[-1]['eval_accuracy']:.3f} on " in out
+    assert "train / 0 eval pairs" not in out

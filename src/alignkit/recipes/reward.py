@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from pathlib import Path
 
 import torch
@@ -31,6 +32,17 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int, use_margin: bool
              "rejected": encode_response(tokenizer, p["prompt"], p["rejected"], max_length),
              "margin": float(p.get("margin") or 0.0) if use_margin else 0.0,
              "p_chosen": float(p.get("p_chosen", 1.0))} for p in pairs]
+
+
+def split_by_prompt(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a seeded `fraction` of the distinct prompts, at least one, goes to the held-out
+    side with all its pairs, so held-out accuracy is measured on prompts the model never trained on."""
+    prompts = sorted({p["prompt"] for p in pairs})
+    if len(prompts) < 2:
+        raise AlignkitError(f"eval_fraction needs pairs from at least 2 prompts, got {len(prompts)}")
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:max(1, round(fraction * len(prompts)))])
+    return [p for p in pairs if p["prompt"] not in held], [p for p in pairs if p["prompt"] in held]
 
 
 def pair_scores(model, batch: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,9 +73,11 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
     model = ScalarHeadModel(backbone)  # the head is always trained
     model.train()
 
-    train = encode_pairs(tokenizer, load_pairs(cfg.data.train), cfg.data.max_length, cfg.use_margin)
-    evals = (encode_pairs(tokenizer, load_pairs(cfg.data.eval), cfg.data.max_length, cfg.use_margin)
-             if cfg.data.eval else [])
+    train_pairs, eval_pairs = load_pairs(cfg.data.train), load_pairs(cfg.data.eval) if cfg.data.eval else []
+    if not cfg.data.eval and cfg.data.eval_fraction > 0:
+        train_pairs, eval_pairs = split_by_prompt(train_pairs, cfg.data.eval_fraction, cfg.seed)
+    train = encode_pairs(tokenizer, train_pairs, cfg.data.max_length, cfg.use_margin)
+    evals = encode_pairs(tokenizer, eval_pairs, cfg.data.max_length, cfg.use_margin)
     global_size = cfg.micro_batch_size * cfg.grad_accum * world
     steps_per_epoch = len(train) // global_size
     if steps_per_epoch == 0:
@@ -95,6 +109,9 @@ def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = Fal
     if main_proc:
         accelerator.unwrap_model(model).save_pretrained(run_dir / "final", tokenizer)
         shown = " | ".join(f"{k} {v:.4f}" for k, v in summary.items()) or "no eval set"
+        if evals:
+            print(f"reward: held-out pair accuracy {summary['eval_accuracy']:.3f} on {len(evals)} pairs "
+                  f"(the share of held-out pairs where the chosen reply scores higher)", flush=True)
         print(f"reward: done in {seconds:.1f}s | {shown} | model saved to {run_dir / 'final'}", flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
