@@ -1,30 +1,8 @@
-"""Generation helper: log-prob parity with a direct forward pass, EOS handling, seeding."""
+"""generate(): greedy equals argmax, EOS handling, seeding, batch splitting (log-prob parity: test_rollout.py)."""
 
 import torch
 
 from alignkit.models import generate
-
-
-def forward_logprobs(model, prompt_ids, new_tokens, temperature):
-    """log p(new token t | prefix) from one unpadded forward pass over prompt + completion."""
-    ids = torch.tensor([prompt_ids + new_tokens])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    positions = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(new_tokens))
-    return torch.stack([logp[p, t] for p, t in zip(positions, new_tokens)])
-
-
-def test_logprobs_equal_forward_pass_with_left_padding(tiny):
-    model, tok = tiny
-    prompts = ["Where is my order?", "Hi", "Can I return a pair of shoes that do not fit me at all?"]
-    out = generate(model, tok, prompts, max_new_tokens=12, temperature=0.7, seed=3, return_logprobs=True)
-    lengths = {len(p) for p in out.prompt_ids}
-    assert len(lengths) == 3  # different lengths, so the batch really was left-padded
-    for i in range(3):
-        assert len(out.tokens[i]) > 0
-        expected = forward_logprobs(model, out.prompt_ids[i], out.tokens[i], 0.7)
-        torch.testing.assert_close(out.logprobs[i], expected, atol=2e-5, rtol=1e-4)
 
 
 def test_greedy_matches_argmax_and_batch_of_one(tiny):

@@ -1,4 +1,4 @@
-"""The one batched generation helper: chat templates, left padding, sampling, stop at EOS, per-token log-probs."""
+"""Generation: the result dataclass, chat templates, left padding, and `generate`, the entry point every caller uses."""
 
 from __future__ import annotations
 
@@ -59,61 +59,22 @@ def tail_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
     return (torch.arange(width, device=lengths.device)[None, :] >= (width - lengths)[:, None]).float()
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 64,
+def generate(model, tokenizer, prompts: Sequence[Prompt | list[int]], *, n: int = 1, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, return_logprobs: bool = False, chat: bool = True,
-             batch_size: int | None = None, streamer=None, progress: str | None = None) -> Generation:
-    """Generate completions for `prompts`, in batches of `batch_size` (default: all at once);
-    `progress` names a progress bar over the batches.
+             seed: int | list[int] | None = None, return_logprobs: bool = False, chat: bool = True,
+             batch_size: int | None = None, streamer=None, progress: str | None = None,
+             logits_processor=None, on_step=None) -> Generation:
+    """Generate `n` completions of each prompt with the rollout engine (`alignkit.models.rollout`), in
+    batches of `batch_size` rows (default: all at once); `progress` names a progress bar over the batches.
 
-    temperature 0 is greedy decoding; otherwise sampling with optional top-k/top-p. A `seed` makes
-    sampling repeatable without touching the global RNG.
+    temperature 0 is greedy decoding; otherwise sampling with optional top-k/top-p. A `seed` (an int,
+    or one per row) makes sampling repeatable without touching the global RNG. A plain model generates
+    from its own weights; a peft model from a merged copy that is re-synced when its weights change.
+    See `RolloutEngine.generate` for every option.
     """
-    from transformers import GenerationConfig
+    from alignkit.models.rollout import engine_for
 
-    if isinstance(prompts, (str, dict)):
-        raise TypeError("prompts must be a list of prompts")
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = eos_ids(tokenizer, model)
-    sample = temperature > 0
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if sample else {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=eos,
-                              pad_token_id=pad_id, return_dict_in_generate=True,
-                              output_logits=return_logprobs, **sampling)
-    rendered = [render_prompt(tokenizer, p, chat) for p in prompts]
-    # A chat template already holds its special tokens; a plain prompt gets the model's usual ones.
-    with_template = chat and tokenizer.chat_template is not None
-    prompt_ids = [tokenizer(t, add_special_tokens=not with_template)["input_ids"] for t in rendered]
-    out = Generation(prompt_ids=prompt_ids, tokens=[], texts=[], finished=[],
-                     logprobs=[] if return_logprobs else None)
-    step = batch_size or len(prompt_ids)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if seed is not None:
-            torch.manual_seed(seed)
-        from tqdm.auto import tqdm
-
-        for start in tqdm(range(0, len(prompt_ids), step), desc=progress, unit="batch", disable=progress is None):
-            batch = prompt_ids[start:start + step]
-            ids, mask = left_pad(batch, pad_id, device)
-            result = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                    streamer=streamer)
-            new = result.sequences[:, ids.shape[1]:].cpu()
-            if return_logprobs:
-                scale = temperature if sample else 1.0
-                # logits[t]: raw scores for new token t, (B, V); one step at a time keeps memory at B*V.
-                lp = torch.stack([
-                    torch.log_softmax(step_logits.float() / scale, dim=-1)
-                    .gather(1, new[:, t:t + 1].to(step_logits.device)).squeeze(1).cpu()
-                    for t, step_logits in enumerate(result.logits)], dim=1)
-            for i in range(new.shape[0]):
-                row = new[i].tolist()
-                cut = next((j + 1 for j, tok in enumerate(row) if tok in eos), None)
-                kept = row[:cut] if cut is not None else row
-                out.tokens.append(kept)
-                out.finished.append(cut is not None)
-                out.texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
-                if return_logprobs:
-                    out.logprobs.append(lp[i, :len(kept)].clone())
-    return out
+    return engine_for(model, tokenizer).generate(
+        prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        seed=seed, return_logprobs=return_logprobs, chat=chat, batch_size=batch_size, progress=progress,
+        streamer=streamer, logits_processor=logits_processor, on_step=on_step)

@@ -1,0 +1,273 @@
+"""The rollout engine: batched generation from the engine's own copy of a policy's weights.
+
+Every generation in alignkit runs here (RL rollouts, `prefs sample`, `eval`, `generate`, `chat`,
+agents, RAG): a forward loop over transformers' `StaticCache` (no per-token growth of the cache),
+the LM head on the last position only, finished rows dropped from the batch, and a sampler that
+draws each row from its own seed (`alignkit.models.sampling`), so a row's tokens do not depend on
+which rows share its batch.
+
+The engine's weights are a generation copy of the policy: a LoRA policy is merged (W + (alpha/r) B A)
+into new tensors of the copy while the frozen base tensors are shared, never merging the training
+weights in place; `sync(policy)` refreshes the copy after an optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Callable, Sequence
+
+import torch
+
+from alignkit.models.generation import Generation, Prompt, eos_ids, left_pad, render_prompt
+from alignkit.models.sampling import row_seeds, sample, uniforms
+
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OnStep = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def plain_model(model):
+    """The transformers model under a peft wrapper (LoRA layers still injected), or the model itself."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def lora_layers(model) -> dict:
+    """name -> peft LoRA layer, for every LoRA-wrapped module of `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in plain_model(model).named_modules() if isinstance(m, LoraLayer)}
+
+
+def merged_weight(layer) -> torch.Tensor:
+    """A new tensor W + sum over active adapters of (alpha/r) B A; W alone while adapters are disabled
+    or already merged into W. The layer's own weights are left untouched."""
+    base = layer.get_base_layer()
+    if getattr(layer, "lora_variant", None) and any(a in layer.lora_variant for a in layer.active_adapters):
+        raise NotImplementedError("the rollout engine merges plain LoRA only (no DoRA or other variants)")
+    weight = base.weight.detach().clone()
+    if layer.disable_adapters or layer.merged:
+        return weight
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            weight += layer.get_delta_weight(adapter).to(weight.dtype)
+    return weight
+
+
+def generation_copy(policy) -> torch.nn.Module:
+    """A plain transformers model for generation: LoRA layers replaced by ordinary layers holding the
+    merged weight (new tensors), trainable tensors cloned, frozen tensors and buffers shared."""
+    base = plain_model(policy)
+    shared = {id(t): t for t in [*base.parameters(), *base.buffers()] if not t.requires_grad}
+    gen = copy.deepcopy(base, shared)
+    for name, layer in lora_layers(gen).items():
+        parent, _, child = name.rpartition(".")
+        plain = layer.get_base_layer()  # the copy's own module, still holding the shared base weight
+        plain.weight = torch.nn.Parameter(merged_weight(layer), requires_grad=False)
+        setattr(gen.get_submodule(parent) if parent else gen, child, plain)
+    gen.requires_grad_(False)
+    return gen.eval()
+
+
+def weights_version(model) -> tuple:
+    """Changes whenever a trainable tensor is written in place (optimizer step, load_state_dict) or an
+    adapter is switched on or off: the cue for a cached engine to re-sync."""
+    layers = lora_layers(model)
+    return (tuple(p._version for p in plain_model(model).parameters() if p.requires_grad),
+            tuple((m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in layers.values()))
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Prompt | list[int]], chat: bool) -> list[list[int]]:
+    """Token ids of each prompt: lists of ints are taken as already tokenized; strings and chat message
+    lists are rendered (chat template when there is one) and tokenized."""
+    if isinstance(prompts, (str, dict)):
+        raise TypeError("prompts must be a list of prompts")
+    out = []
+    # A chat template already holds its special tokens; a plain prompt gets the model's usual ones.
+    with_template = chat and tokenizer.chat_template is not None
+    for p in prompts:
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            out.append(list(p))
+        else:
+            out.append(tokenizer(render_prompt(tokenizer, p, chat), add_special_tokens=not with_template)["input_ids"])
+    return out
+
+
+class RolloutEngine:
+    """Fast batched generation for a causal LM, from the engine's own copy of the weights.
+
+    engine = RolloutEngine(policy, tokenizer); gen = engine.generate(prompts, n=4, temperature=1.0, seed=...)
+    ... optimizer step on the policy ...; engine.sync(policy)
+
+    `copy_weights=False` generates straight from a plain (non-peft) model's own tensors instead of a
+    copy, so it always sees the current weights (what `alignkit.models.generate` does for plain models).
+    """
+
+    def __init__(self, model, tokenizer, *, copy_weights: bool = True):
+        from peft import PeftModel
+
+        self.tokenizer = tokenizer
+        self.eos = eos_ids(tokenizer, model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.owns_copy = copy_weights or isinstance(model, PeftModel)
+        self.model = generation_copy(model) if self.owns_copy else model
+        self._source = weakref.ref(plain_model(model))
+        self.version = weights_version(model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def sync(self, policy) -> None:
+        """Copy the policy's current weights (base + LoRA merged) into the engine's generation copy."""
+        base = plain_model(policy)
+        self.version = weights_version(policy)
+        if not self.owns_copy and base is self.model:
+            return
+        if self._source() is not base:  # another model: build a new copy rather than write into shared tensors
+            self.model, self._source = generation_copy(policy), weakref.ref(base)
+            return
+        modules = dict(self.model.named_modules())
+        layers = lora_layers(base)
+        for name, layer in layers.items():
+            modules[name].weight.copy_(merged_weight(layer))
+        source = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if ".lora_" not in n}
+        merged = {f"{name}.weight" for name in layers}
+        for name, p in self.model.named_parameters():
+            if name not in merged and p is not source[name]:
+                p.copy_(source[name])
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Prompt | list[int]], *, n: int = 1, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | list[int] | None = None, return_logprobs: bool = False, chat: bool = True,
+                 batch_size: int | None = None, progress: str | None = None, streamer=None,
+                 logits_processor: LogitsProcessor | None = None, on_step: OnStep | None = None) -> Generation:
+        """Complete each prompt `n` times; rows are prompt-major (prompt i's completions are rows
+        i*n .. i*n+n-1) and `prompt_ids` has one entry per row.
+
+        prompts: strings, chat message lists, or token id lists. temperature 0 is greedy; otherwise
+        softmax(logits / temperature) with optional top-k, then top-p, filtering. seed: an int (row r
+        draws from a stream seeded by (seed, r)), one int per row, or None (drawn from torch's global
+        generator); a row's tokens depend only on its seed and the weights, never on the other rows.
+        return_logprobs: per new token, log p under the engine's weights at the sampling temperature,
+        without top-k/top-p or `logits_processor`. batch_size: rows decoded at once (default all),
+        grouped by prompt length to limit padding; `progress` names a progress bar over the batches.
+        streamer: a transformers streamer (batch of one row only).
+        logits_processor(input_ids, scores) -> scores: applied to the raw (B, V) scores before
+        sampling; input_ids (B, T) holds each row's prompt and the tokens generated so far, left-padded
+        with the pad token. on_step(step, tokens, finished): called after every step with each row's
+        new token (B,) (the pad token for rows already done) and the finished mask (B,), over the rows
+        of the batch being decoded (all rows when batch_size is None); a returned bool mask ends those
+        rows, keeping the token of that step.
+        """
+        if n < 1 or max_new_tokens < 0:
+            raise ValueError("n must be >= 1 and max_new_tokens >= 0")
+        unique = encode_prompts(self.tokenizer, prompts, chat)
+        prompt_ids = [ids for ids in unique for _ in range(n)]
+        seeds = row_seeds(seed, len(prompt_ids))
+        out = Generation(prompt_ids=prompt_ids, tokens=[[] for _ in prompt_ids], texts=[""] * len(prompt_ids),
+                         finished=[False] * len(prompt_ids), logprobs=[] if return_logprobs else None)
+        if not prompt_ids:
+            return out
+        if streamer is not None and len(prompt_ids) > 1:
+            raise ValueError("a streamer needs a batch of one row")
+        size = batch_size or len(prompt_ids)
+        # Group rows by prompt length so that batches carry little padding; rows are independent.
+        order = sorted(range(len(prompt_ids)), key=lambda r: len(prompt_ids[r])) if size < len(prompt_ids) \
+            else list(range(len(prompt_ids)))
+        from tqdm.auto import tqdm
+
+        lps: dict[int, torch.Tensor] = {}
+        for start in tqdm(range(0, len(order), size), desc=progress, unit="batch", disable=progress is None):
+            rows = order[start:start + size]
+            tokens, finished, logprobs = self._decode(
+                [prompt_ids[r] for r in rows], seeds[rows], max_new_tokens, temperature, top_p, top_k,
+                return_logprobs, streamer, logits_processor, on_step)
+            for i, r in enumerate(rows):
+                out.tokens[r], out.finished[r] = tokens[i], finished[i]
+                if return_logprobs:
+                    lps[r] = logprobs[i]
+        out.texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
+        if return_logprobs:
+            out.logprobs = [lps[r] for r in range(len(prompt_ids))]
+        return out
+
+    def _decode(self, prompts: list[list[int]], seeds: torch.Tensor, max_new_tokens: int, temperature: float,
+                top_p: float, top_k: int, return_logprobs: bool, streamer, logits_processor, on_step):
+        """One batch: prefill the left-padded prompts into a static cache, then one token per step."""
+        from transformers import StaticCache
+
+        model, device = self.model, self.device
+        B = len(prompts)
+        ids, mask = left_pad(prompts, self.pad_id, device)
+        P = ids.shape[1]
+        total = P + max_new_tokens
+        seq = torch.full((B, total), self.pad_id, dtype=torch.long, device=device)  # prompt + new tokens
+        seq[:, :P] = ids
+        attn = torch.zeros((B, total), dtype=torch.long, device=device)
+        attn[:, :P] = mask
+        next_pos = mask.sum(dim=1)  # each row's position of the next token
+        eos = torch.tensor(self.eos, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        ended_by_eos = torch.zeros(B, dtype=torch.bool, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+        lp = torch.zeros((B, max_new_tokens), dtype=torch.float32)
+        scale = temperature if temperature > 0 else 1.0
+        if streamer is not None:
+            streamer.put(ids.cpu())
+        if max_new_tokens == 0:
+            return [[] for _ in prompts], [False] * B, [lp[i, :0] for i in range(B)]
+        cache = StaticCache(config=model.config, max_cache_len=total)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        for step in range(max_new_tokens):
+            raw = logits.float()
+            scores = logits_processor(seq[:, :P + step], raw.clone()) if logits_processor is not None else raw
+            tok = sample(scores, uniforms(seeds, step).to(device), temperature, top_k, top_p)
+            tok = torch.where(done, self.pad_id, tok)
+            if return_logprobs:
+                lp[:, step] = torch.log_softmax(raw / scale, dim=-1).gather(1, tok[:, None]).squeeze(1).cpu()
+            seq[:, P + step] = tok
+            lengths += (~done).long()
+            hit_eos = torch.isin(tok, eos) & ~done
+            ended_by_eos |= hit_eos
+            done |= hit_eos
+            if streamer is not None:
+                streamer.put(tok.cpu())
+            if on_step is not None:
+                stop = on_step(step, tok, done.clone())
+                if stop is not None:
+                    done |= stop.to(device=device, dtype=torch.bool)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            attn[:, P + step] = 1
+            logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=(next_pos + step)[:, None],
+                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if streamer is not None:
+            streamer.end()
+        new = seq[:, P:].cpu()
+        lengths, ended = lengths.tolist(), ended_by_eos.tolist()
+        return ([new[i, :lengths[i]].tolist() for i in range(B)], ended,
+                [lp[i, :lengths[i]].clone() for i in range(B)])
+
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model, tokenizer) -> RolloutEngine:
+    """The engine `alignkit.models.generate` uses for `model`: a plain model generates from its own
+    tensors (a fresh, cheap engine each call); a peft model gets a merged copy, cached per model object
+    (weakly) and re-synced whenever its trainable weights or active adapters changed."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return RolloutEngine(model, tokenizer, copy_weights=False)
+    engine = _ENGINES.get(model)
+    if engine is None or engine.tokenizer is not tokenizer:
+        engine = _ENGINES[model] = RolloutEngine(model, tokenizer)
+    elif engine.version != weights_version(model):
+        engine.sync(model)
+    return engine
