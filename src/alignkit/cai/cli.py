@@ -21,6 +21,7 @@ PRINCIPLES_HELP = ("Principles: comma-separated shipped constitutions (human_rig
                    "dialogue_rules) or YAML files, each optionally narrowed to ids with ':id+id', "
                    "e.g. 'human_rights:privacy,dialogue_rules'.")
 DEVICE_HELP = "auto (CUDA when present), cpu or cuda"
+RESTART_OPT = typer.Option(False, help="Start over instead of continuing an unfinished output of this command.")
 
 
 @cai_app.command("principles")
@@ -63,29 +64,46 @@ def redteam_cmd(
     seed: int = typer.Option(0, help="Seed for repeatable sampling."),
     batch_size: int = typer.Option(8, help="Sequences generated at once."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    restart: bool = RESTART_OPT,
 ):
     """Red-team a model: seed prompts plus rephrasings, its responses, and the harmful ones flagged.
 
+    Records are appended batch by batch; after a kill, the same command again continues the file.
+
     Example: alignkit cai redteam --out redteam.jsonl --variations 1
     """
-    from alignkit.cai.redteam import load_seeds, make_variations, redteam, summary
+    from alignkit.cai.redteam import load_seeds, make_variations, redteam_batches, summary
     from alignkit.cai.revise import model_chat
-    from alignkit.io import write_jsonl
+    from alignkit.io import ResumableJsonl, file_digest
 
     items = load_seeds(seeds)[:limit]
-    judge_fn = None
-    if judge is not None:
-        from alignkit.evaluate.judges import load_judge
+    fingerprint = {"command": "cai redteam", "seeds": file_digest(seeds) if seeds else "shipped", "limit": limit,
+                   "model": model, "variations": variations, "variation_temperature": variation_temperature,
+                   "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+                   "batch_size": batch_size, "toxicity_threshold": toxicity_threshold,
+                   "judge": file_digest(judge) if judge else None, "judge_threshold": judge_threshold}
+    writer = ResumableJsonl(out, fingerprint, restart=restart)
+    if writer.resumed:
+        print(f"resuming {out}: {writer.done} prompt(s) already done")
+    if not writer.complete:
+        judge_fn = None
+        if judge is not None:
+            from alignkit.evaluate.judges import load_judge
 
-        judge_fn = load_judge(judge)
-    m, tok = _load(model, device)
-    chat = model_chat(m, tok, max_new_tokens=max_new_tokens, temperature=variation_temperature, seed=seed,
-                      batch_size=batch_size)
-    records = redteam(make_variations(items, chat, variations), m, tok, max_new_tokens=max_new_tokens,
-                      temperature=temperature, seed=seed, batch_size=batch_size,
-                      toxicity_threshold=toxicity_threshold, judge=judge_fn, judge_threshold=judge_threshold)
-    write_jsonl(out, records)
-    s = summary(records)
+            judge_fn = load_judge(judge)
+        m, tok = _load(model, device)
+        if "items" not in writer.state:  # the rephrasings are kept, so a resumed run does not redo them
+            chat = model_chat(m, tok, max_new_tokens=max_new_tokens, temperature=variation_temperature, seed=seed,
+                              batch_size=batch_size)
+            writer.save_state(items=make_variations(items, chat, variations))
+        batches = redteam_batches(writer.state["items"], m, tok, start=writer.done, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, seed=seed, batch_size=batch_size,
+                                  toxicity_threshold=toxicity_threshold, judge=judge_fn,
+                                  judge_threshold=judge_threshold)
+        for done, records in batches:
+            writer.append(records, done=done)
+        writer.finish()
+    s = summary(writer.records())
     print(f"{s['prompts']} prompt(s) ({s['variations']} variation(s)), {s['flagged']} flagged harmful; "
           f"written to {out}")
     for cat, frac in s["flagged_by_category"].items():
@@ -105,38 +123,49 @@ def revise_cmd(
     seed: int = typer.Option(0, help="Seed for principle sampling and generation."),
     batch_size: int = typer.Option(8, help="Sequences generated at once."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    restart: bool = RESTART_OPT,
 ):
     """Critique and revise responses under sampled principles; write the trace and an SFT dataset.
+
+    Traces are appended batch by batch; after a kill, the same command again continues the file.
 
     Then `alignkit train sft data.train=OUT_DIR/sft.jsonl ...` gives the SL-CAI model.
     Example: alignkit cai revise -i redteam.jsonl --out-dir revise/ --rounds 2
     """
     from alignkit.cai.constitution import select_principles
-    from alignkit.cai.revise import critique_revise, model_chat, sft_records
+    from alignkit.cai.revise import revise_batches, sft_records
     from alignkit.errors import DataError
-    from alignkit.io import read_jsonl, write_jsonl
-    from alignkit.models import generate
+    from alignkit.io import ResumableJsonl, file_digest, note_skipped, read_jsonl_salvaged, write_jsonl
 
     if rounds < 1:
         raise AlignkitError("--rounds must be at least 1")
     chosen = select_principles(principles)
-    records = [rec for _, rec in read_jsonl(input)]
-    bad = [f"line {i + 1}: needs a non-empty string 'prompt'" for i, r in enumerate(records)
-           if not isinstance(r.get("prompt"), str) or not r["prompt"].strip()]
-    if bad:
+    records, bad = [], []
+    for lineno, rec in read_jsonl_salvaged(input):
+        if isinstance(rec.get("prompt"), str) and rec["prompt"].strip():
+            records.append(rec)
+        else:
+            bad.append(f"line {lineno}: needs a non-empty string 'prompt'")
+    if not records:
         raise DataError(input, bad)
-    m, tok = _load(model, device)
-    prompts = [r["prompt"] for r in records]
-    missing = [i for i, r in enumerate(records) if not isinstance(r.get("response"), str)]
-    if missing:
-        texts = generate(m, tok, [prompts[i] for i in missing], max_new_tokens=max_new_tokens,
-                         temperature=temperature, seed=seed, batch_size=batch_size).texts
-        for i, t in zip(missing, texts):
-            records[i]["response"] = t
-    chat = model_chat(m, tok, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size)
-    traces = critique_revise(prompts, [r["response"] for r in records], chosen, chat, rounds=rounds, seed=seed)
+    for problem in bad:
+        note_skipped(input, problem)
+    fingerprint = {"command": "cai revise", "input": file_digest(input), "model": model, "principles": principles,
+                   "rounds": rounds, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+                   "batch_size": batch_size}
+    writer = ResumableJsonl(out_dir / "trace.jsonl", fingerprint, restart=restart)
+    if writer.resumed:
+        print(f"resuming {writer.path}: {writer.done} prompt(s) already done")
+    if not writer.complete:
+        m, tok = _load(model, device)
+        responses = [r["response"] if isinstance(r.get("response"), str) else None for r in records]
+        for done, traces in revise_batches([r["prompt"] for r in records], responses, chosen, m, tok,
+                                           start=writer.done, rounds=rounds, max_new_tokens=max_new_tokens,
+                                           temperature=temperature, seed=seed, batch_size=batch_size):
+            writer.append(traces, done=done)
+        writer.finish()
+    traces = writer.records()
     dataset = sft_records(traces)
-    write_jsonl(out_dir / "trace.jsonl", traces)
     write_jsonl(out_dir / "sft.jsonl", dataset)
     print(f"{len(traces)} prompt(s) x {rounds} round(s): trace in {out_dir / 'trace.jsonl'}, "
           f"{len(dataset)} SFT example(s) in {out_dir / 'sft.jsonl'}")

@@ -10,31 +10,34 @@ response, scores (toxicity, and the judge's when one is given) and flagged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
 from alignkit.cai.revise import Chat
 from alignkit.cai.templates import load_template, strip_prefixes
 from alignkit.errors import DataError
-from alignkit.io import read_jsonl
+from alignkit.io import batch_seed, note_skipped, read_jsonl_salvaged
 
 SEEDS_FILE = Path(__file__).resolve().parent / "redteam_seeds.jsonl"
 BENIGN_FILE = Path(__file__).resolve().parent / "benign_prompts.jsonl"
 
 
 def load_seeds(path: Path | None = None) -> list[dict]:
-    """Red-team seeds: JSONL of {"prompt", "category"?}; every bad line is reported."""
+    """Red-team seeds: JSONL of {"prompt", "category"?}; a bad line is named on stderr and skipped
+    (DataError when none is usable)."""
     path = Path(path or SEEDS_FILE)
     seeds, problems = [], []
-    for lineno, rec in read_jsonl(path):
+    for lineno, rec in read_jsonl_salvaged(path):
         prompt = rec.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             problems.append(f"line {lineno}: missing or empty field 'prompt'")
             continue
         seeds.append({"prompt": prompt.strip(), "category": str(rec.get("category", "uncategorised"))})
-    if problems:
+    if not seeds:
         raise DataError(path, problems)
+    for problem in problems:
+        note_skipped(path, problem)
     return seeds
 
 
@@ -83,20 +86,29 @@ def flag(prompts: Sequence[str], responses: Sequence[str], *, toxicity_threshold
     return out
 
 
-def redteam(items: list[dict], model, tokenizer, *, max_new_tokens: int = 48, temperature: float = 0.0,
-            seed: int = 0, batch_size: int = 8, toxicity_threshold: float = 0.5, judge=None,
-            judge_threshold: float | None = None) -> list[dict]:
-    """Collect the model's response to every prompt and flag the harmful ones."""
+def redteam_batches(items: list[dict], model, tokenizer, *, start: int = 0, max_new_tokens: int = 48,
+                    temperature: float = 0.0, seed: int = 0, batch_size: int = 8, toxicity_threshold: float = 0.5,
+                    judge=None, judge_threshold: float | None = None) -> Iterator[tuple[int, list[dict]]]:
+    """Respond to the prompts from `start` on, batch by batch, yielding (prompts done, the batch's
+    flagged records). Each batch samples with a seed derived from `seed` and its position, so a run
+    resumed at a batch boundary gives what an uninterrupted one does."""
     from alignkit.models import generate
 
-    prompts = [it["prompt"] for it in items]
-    responses = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="red-team responses", unit="batch"):
-        responses += generate(model, tokenizer, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
-                              temperature=temperature, seed=seed + start).texts
-    flags = flag(prompts, responses, toxicity_threshold=toxicity_threshold, judge=judge,
-                 judge_threshold=judge_threshold)
-    return [{**it, "response": r, **f} for it, r, f in zip(items, responses, flags)]
+    starts = range(start, len(items), batch_size)
+    for first in tqdm(starts, desc="red-team responses", unit="batch", initial=start // batch_size,
+                      total=-(-len(items) // batch_size)):
+        batch = items[first:first + batch_size]
+        prompts = [it["prompt"] for it in batch]
+        responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             seed=batch_seed(seed, first)).texts
+        flags = flag(prompts, responses, toxicity_threshold=toxicity_threshold, judge=judge,
+                     judge_threshold=judge_threshold)
+        yield first + len(batch), [{**it, "response": r, **f} for it, r, f in zip(batch, responses, flags)]
+
+
+def redteam(items: list[dict], model, tokenizer, **options) -> list[dict]:
+    """Collect the model's response to every prompt and flag the harmful ones (see redteam_batches)."""
+    return [rec for _, batch in redteam_batches(items, model, tokenizer, **options) for rec in batch]
 
 
 def summary(records: list[dict]) -> dict:

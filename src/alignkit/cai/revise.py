@@ -17,7 +17,7 @@ sft` reads. Fine-tuning on it gives the SL-CAI model.
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -81,6 +81,34 @@ def critique_revise(prompts: Sequence[str], responses: Sequence[str], principles
                 tr["final"] = rev
     bar.close()
     return traces
+
+
+def revise_batches(prompts: Sequence[str], responses: Sequence[str | None], principles: list[Principle], model,
+                   tokenizer, *, start: int = 0, rounds: int = 1, max_new_tokens: int = 64, temperature: float = 0.0,
+                   seed: int = 0, batch_size: int = 8) -> Iterator[tuple[int, list[dict]]]:
+    """critique_revise over the prompts from `start` on, `batch_size` prompts at a time, yielding
+    (prompts done, the batch's traces). A missing (None) response is generated first. Every batch
+    draws principles and samples with a seed derived from `seed` and its first prompt's index, so a
+    run resumed at a batch boundary writes what an uninterrupted run does."""
+    from alignkit.io import batch_seed
+    from alignkit.models import generate
+
+    starts = range(start, len(prompts), batch_size)
+    for first in tqdm(starts, desc="critique/revise", unit="batch", initial=start // batch_size,
+                      total=-(-len(prompts) // batch_size)):
+        batch_prompts = list(prompts[first:first + batch_size])
+        batch_responses = list(responses[first:first + batch_size])
+        own_seed = batch_seed(seed, first)
+        missing = [i for i, r in enumerate(batch_responses) if r is None]
+        if missing:
+            texts = generate(model, tokenizer, [batch_prompts[i] for i in missing], max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=own_seed).texts
+            for i, text in zip(missing, texts):
+                batch_responses[i] = text
+        chat = model_chat(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, seed=own_seed,
+                          batch_size=batch_size)
+        yield first + len(batch_prompts), critique_revise(batch_prompts, batch_responses, principles, chat,
+                                                          rounds=rounds, seed=own_seed, progress=False)
 
 
 def sft_records(traces: list[dict]) -> list[dict]:
