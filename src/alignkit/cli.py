@@ -303,6 +303,7 @@ def eval_models(
     judge: Optional[Path] = typer.Option(None, help="Independent judge YAML for judge scores and win rates "
                                                     "(one not used as the training reward)."),
     max_new_tokens: int = typer.Option(48, help="Most tokens per completion (greedy decoding)."),
+    tie_margin: float = typer.Option(0.0, help="Judge scores closer than this count as a tie in win rates."),
     out: Optional[Path] = typer.Option(None, help="Report directory (replaced if it exists): report.md, report.html, "
                                                   "metrics.json and PNG plots. Default runs/eval-DATE-TIME."),
     samples: int = typer.Option(8, help="Prompts whose completions the report shows side by side."),
@@ -334,7 +335,7 @@ def eval_models(
         judge_fn = load_judge(judge).score
     prompt_list = load_prompts(prompts)
     reports = evaluate_models(dict(pairs), prompt_list, reward=reward_fn, judge=judge_fn,
-                              max_new_tokens=max_new_tokens, device=device)
+                              max_new_tokens=max_new_tokens, device=device, tie_margin=tie_margin)
     keys = list(dict.fromkeys(k for r in reports for k in r.metrics))
     print(f"{'metric':<28}" + "".join(f"{r.name:>14}" for r in reports))
     for k in keys:
@@ -342,7 +343,7 @@ def eval_models(
         print(f"{k:<28}" + "".join(f"{'-' if c is None else round(c, 4):>14}" for c in cells))
     out = out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     meta = {"prompts": str(prompts), "reward": str(reward) if reward else None,
-            "judge": str(judge) if judge else None, "max_new_tokens": max_new_tokens}
+            "judge": str(judge) if judge else None, "max_new_tokens": max_new_tokens, "tie_margin": tie_margin}
     write_report(out, reports, prompt_list, dict(pairs), meta, samples=samples)
     print(f"report: {out / 'report.html'} (also report.md, metrics.json and plots)")
 
@@ -573,6 +574,15 @@ def _register_agent_commands():
 
 
 _register_agent_commands()
+
+
+def _export_app():
+    from alignkit.export.cli import export_app
+
+    return export_app
+
+
+app.add_typer(_export_app(), name="export")
 
 
 def main() -> None:
