@@ -97,16 +97,18 @@ def test_bad_inputs_are_reported_and_the_rest_is_ingested(tmp_path, minilm_token
         [folder, f"sqlite:///{db}?table=orders", f"sqlite:///{db}?table=missing", tmp_path / "nowhere"],
         tmp_path / "index.db", minilm_tokenizer, embedder=embedder, config=CONFIG,
     )
-    assert sorted(report.added) == sorted([good, str(folder / "rows.csv"), f"sqlite:///{db}?table=orders"])
+    assert sorted(report.added) == sorted([good, str(folder / "latin1.txt"), str(folder / "rows.csv"),
+                                           f"sqlite:///{db}?table=orders"])
+    assert report.decoded == [(str(folder / "latin1.txt"), "cp1252")]
+    assert f"read {folder / 'latin1.txt'} as cp1252 (not UTF-8" in report.summary()
     reasons = {s.source.rsplit("/", 1)[-1] + (f"@{s.location}" if s.location else ""): s.reason for s in report.skipped}
     assert reasons == {
-        "latin1.txt": "bad encoding: not valid UTF-8 (byte 0xe9 at offset 3); re-save the file as UTF-8",
         "empty.md": "empty document: no text after extraction",
         "rows.csv@line 3": "broken CSV row: expected 2 fields like the header, got 3",
         "shop.db?table=missing": "no table 'missing' in shop.db; tables: orders",
         "nowhere": "not found: no such file or folder",
     }
-    assert "skipped" in report.summary() and "latin1.txt" in report.summary()
+    assert "skipped" in report.summary() and "empty.md" in report.summary()
     hit = search(tmp_path / "index.db", "Ada Lovelace", k=1, mode="bm25")[0]
     assert hit.text == "orders\nid: 17; customer: Ada Lovelace" and hit.citation.endswith("(row 1)")
 
@@ -114,9 +116,9 @@ def test_bad_inputs_are_reported_and_the_rest_is_ingested(tmp_path, minilm_token
 def test_a_file_that_becomes_unreadable_leaves_the_index(docs, tmp_path, minilm_tokenizer, embedder):
     index = tmp_path / "index.db"
     ingest([docs], index, minilm_tokenizer, embedder=embedder, config=CONFIG)
-    (docs / "expenses.md").write_bytes(b"\xff\xfe broken")
+    (docs / "expenses.md").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00 binary")
     report = ingest([docs], index, minilm_tokenizer, embedder=embedder, config=CONFIG)
-    assert report.removed == [str(docs / "expenses.md")] and report.skipped[0].reason.startswith("bad encoding")
+    assert report.removed == [str(docs / "expenses.md")] and report.skipped[0].reason.startswith("binary file")
     # A folder that vanished (an unmounted drive) keeps what was indexed from it.
     moved = tmp_path / "moved"
     docs.rename(moved)

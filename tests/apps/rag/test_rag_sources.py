@@ -60,15 +60,17 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_is_read(tmp_path):
     (tmp_path / ".hidden.md").write_text("ignored", encoding="utf-8")
     scan = scan_source(tmp_path)
     documents = list(scan.documents)
-    assert sorted(d.source.rsplit("/", 1)[1] for d in documents) == ["broken.csv", "good.md"]
+    assert sorted(d.source.rsplit("/", 1)[1] for d in documents) == ["broken.csv", "good.md", "latin1.txt"]
     reasons = {(s.source.rsplit("/", 1)[1], s.location): s.reason for s in scan.skipped}
-    assert reasons[("latin1.txt", "")].startswith("bad encoding: not valid UTF-8 (byte 0xe9 at offset 3)")
+    assert not any(file == "latin1.txt" for file, _ in reasons)
+    latin1 = next(d for d in documents if d.source.endswith("latin1.txt"))
+    assert latin1.encoding == "cp1252" and latin1.blocks[0].text == "café au lait"
     assert reasons[("blob.txt", "")] == "binary file (contains NUL bytes), not text"
     assert reasons[("empty.md", "")] == "empty document: no text after extraction"
     assert reasons[("nav-only.html", "")] == "empty document: no text after extraction"
     assert reasons[("image.png", "")] == "unsupported file type '.png'"
     assert reasons[("broken.csv", "line 3")] == "broken CSV row: expected 2 fields like the header, got 3"
-    assert any(where == "line 4" and file == "broken.csv" for file, where in reasons)
+    assert reasons[("broken.csv", "line 4")].startswith("broken CSV row: unexpected end of data")
     csv_doc = next(d for d in documents if d.kind == "csv")
     assert [b.text for b in csv_doc.blocks] == ["id: 1; name: ok"]
 
@@ -161,3 +163,41 @@ def test_pdf_without_pypdf_says_how_to_install(tmp_path, monkeypatch):
     assert list(scan.documents) == []
     [skip] = scan.skipped
     assert "optional package pypdf" in skip.reason and "pip install" in skip.reason
+
+
+def test_csv_quote_that_never_closes_costs_only_its_line(tmp_path):
+    """Line 3 opens a quote it never closes: rows 2, 4 and 5 are read, line 3 is named."""
+    (tmp_path / "t.csv").write_text('city,note\nOslo,cold\nBergen,"rainy\nTromso,dark\nParis,warm\n', encoding="utf-8")
+    scan = scan_source(tmp_path / "t.csv")
+    (doc,) = list(scan.documents)
+    assert [(b.text, b.locator) for b in doc.blocks] == [
+        ("city: Oslo; note: cold", 2), ("city: Tromso; note: dark", 4), ("city: Paris; note: warm", 5)]
+    assert [(s.location, s.reason.split(";")[0]) for s in scan.skipped] == [
+        ("line 3", "broken CSV row: unexpected end of data")]
+
+
+def test_csv_quote_that_closes_lines_later_gives_back_the_rows_it_swallowed(tmp_path):
+    """The quote opened on line 2 closes on line 4 and makes one row of four fields of lines 2-4;
+    line 3 is a good row of its own and comes back."""
+    (tmp_path / "t.csv").write_text('id,name,total\n1,"Ada,5\n2,Bob,7\n3,Cy",9,x\n4,Di,1\n', encoding="utf-8")
+    scan = scan_source(tmp_path / "t.csv")
+    (doc,) = list(scan.documents)
+    assert [b.text for b in doc.blocks] == ["id: 2; name: Bob; total: 7", "id: 4; name: Di; total: 1"]
+    assert [s.location for s in scan.skipped] == ["line 2", "line 4"]
+    assert "closes only on line 4" in scan.skipped[0].reason and "got 4" in scan.skipped[1].reason
+
+
+@pytest.mark.parametrize("text,encoding,expected", [
+    ("Grüße aus München, schöne Straße.", "latin-1", "cp1252"),
+    ("Привет, как дела? Это тест кодировки.", "cp1251", "cp1251"),
+])
+def test_non_utf8_text_is_read_with_a_detected_encoding(tmp_path, text, encoding, expected):
+    (tmp_path / "old.txt").write_bytes(text.encode(encoding))
+    (doc,) = list(scan_source(tmp_path / "old.txt").documents)
+    assert (doc.encoding, doc.blocks[0].text) == (expected, text)
+
+
+def test_binary_without_nul_bytes_is_still_refused(tmp_path):
+    (tmp_path / "x.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xd8" + bytes(range(128, 256)))
+    scan = scan_source(tmp_path / "x.txt")
+    assert list(scan.documents) == [] and scan.skipped[0].reason.startswith("bad encoding: not valid UTF-8")

@@ -40,6 +40,8 @@ class IngestReport:
     removed: list[str] = field(default_factory=list)
     """Documents deleted from the index: vanished from an ingested folder, or no longer readable."""
     skipped: list[Skipped] = field(default_factory=list)
+    decoded: list[tuple[str, str]] = field(default_factory=list)
+    """(source, encoding) of text files that were not UTF-8 and were read with a detected encoding."""
     chunks_written: int = 0
     chunks_removed: int = 0
     """Old chunks deleted, including those replaced by a changed document's new chunks."""
@@ -57,6 +59,8 @@ class IngestReport:
             f"{self.chunks_removed} removed, in {self.seconds:.1f} s"
         )
         lines = [headline]
+        for source, encoding in self.decoded:
+            lines.append(f"  read {source} as {encoding} (not UTF-8; the encoding is charset-normalizer's guess)")
         for skip in self.skipped:
             where = f" ({skip.location})" if skip.location else ""
             lines.append(f"  skipped {skip.source}{where}: {skip.reason}")
@@ -100,6 +104,8 @@ def ingest(
             seen = set()
             for doc in scan.documents:
                 seen.add(doc.source)
+                if doc.encoding != "utf-8":
+                    report.decoded.append((doc.source, doc.encoding))
                 old = store.document(doc.source)
                 if old and (old.content_hash, old.signature, old.root) == (doc.content_hash, signature, doc.root):
                     report.unchanged.append(doc.source)

@@ -8,6 +8,7 @@ entry with a reason a person can act on; the caller carries on with the next sou
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -57,6 +58,9 @@ class Document:
     blocks: list[Block]
     locator_unit: str
     """What `Block.locator` counts: line, block, row or page."""
+    encoding: str = "utf-8"
+    """The text encoding it was read with; anything but utf-8 is charset-normalizer's guess, and the
+    ingest summary names it."""
 
 
 @dataclass(frozen=True)
@@ -127,14 +131,15 @@ def _read_file(path: Path, root: str, skipped: list[Skipped], max_rows: int) -> 
     content_hash = hashlib.sha256(raw).hexdigest()
     if suffix == ".pdf":
         return _read_pdf(path, raw, content_hash, root, skipped)
-    if b"\x00" in raw[:8192]:
+    if b"\x00" in raw[:8192] and not raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         skipped.append(Skipped(source, "binary file (contains NUL bytes), not text"))
         return None
     try:
-        text = _decode(raw, html=suffix in HTML_SUFFIXES)
+        text, encoding = _decode(raw, html=suffix in HTML_SUFFIXES)
     except UnicodeDecodeError as exc:
         bad = exc.object[exc.start : exc.start + 1].hex()
-        reason = f"bad encoding: not valid UTF-8 (byte 0x{bad} at offset {exc.start}); re-save the file as UTF-8"
+        reason = (f"bad encoding: not valid UTF-8 (byte 0x{bad} at offset {exc.start}) and no other encoding "
+                  "fits; re-save the file as UTF-8")
         skipped.append(Skipped(source, reason))
         return None
     if suffix in MARKDOWN_SUFFIXES:
@@ -146,7 +151,7 @@ def _read_file(path: Path, root: str, skipped: list[Skipped], max_rows: int) -> 
     else:
         kind, unit = "csv", "row"
         blocks = _csv_blocks(text, path.stem, source, skipped, max_rows)
-    return _unless_empty(Document(source, kind, root, content_hash, blocks, unit), skipped)
+    return _unless_empty(Document(source, kind, root, content_hash, blocks, unit, encoding), skipped)
 
 
 def _unless_empty(doc: Document, skipped: list[Skipped]) -> Document | None:
@@ -159,20 +164,41 @@ def _unless_empty(doc: Document, skipped: list[Skipped]) -> Document | None:
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?([A-Za-z0-9_\-:.]+)""", re.IGNORECASE)
 
 
-def _decode(raw: bytes, html: bool) -> str:
-    """UTF-8 (with or without BOM), or for HTML the charset its <meta> tag declares; else UnicodeDecodeError."""
+def _decode(raw: bytes, html: bool) -> tuple[str, str]:
+    """(text, encoding): UTF-8 (with or without BOM); for HTML the charset its <meta> tag declares;
+    else the encoding charset-normalizer finds most plausible. UnicodeDecodeError (UTF-8's) when
+    nothing fits, as for most binary files."""
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError as exc:
         utf8_error = exc
     if html:
         declared = _META_CHARSET.search(raw[:4096])
         if declared:
+            name = declared.group(1).decode("ascii")
             try:
-                return raw.decode(declared.group(1).decode("ascii"))
+                return raw.decode(name), name
             except (LookupError, UnicodeDecodeError):
                 pass
-    raise utf8_error
+    guessed = _guess_encoding(raw)
+    if guessed is None:
+        raise utf8_error
+    return raw.decode(guessed), guessed
+
+
+def _guess_encoding(raw: bytes) -> str | None:
+    """charset-normalizer's guess. Short texts fit many single-byte code pages equally well (it
+    cannot tell "café" in cp1252 from the same bytes in a Hebrew or Greek code page); among the
+    equally plausible ones we take cp1252, the encoding of most old Windows exports, when it fits."""
+    from charset_normalizer import from_bytes
+
+    matches = list(from_bytes(raw))
+    if not matches:
+        return None
+    best = min((m.chaos, -m.coherence) for m in matches)
+    tied = [m for m in matches if (m.chaos, -m.coherence) == best]
+    # A match stands for every code page that decodes the bytes to the same text.
+    return "cp1252" if any("cp1252" in m.could_be_from_charset for m in tied) else tied[0].encoding
 
 
 # ---------------------------------------------------------------- markdown and plain text
@@ -420,41 +446,55 @@ def row_text(columns: list[str], values: list[object]) -> str:
 
 
 def _csv_blocks(text: str, name: str, source: str, skipped: list[Skipped], max_rows: int) -> list[Block]:
+    """Rows as blocks. A row the parser cannot read costs only itself: after a quote that never
+    closes (or closes lines later, swallowing the rows between), the lines after the row's first
+    line are read again as rows of their own, and the broken line is named in `skipped`."""
     sample = text[:8192]
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
     except csv.Error:
         dialect = csv.excel
-    reader = csv.reader(io.StringIO(text, newline=""), dialect, strict=True)
+    lines = text.splitlines(keepends=True)
     blocks: list[Block] = []
     header: list[str] | None = None
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
+    offset = 0  # lines before the one the current reader started on
+    while offset < len(lines):
+        reader = csv.reader(iter(lines[offset:]), dialect, strict=True)
+        resume_after = None
+        while resume_after is None:
+            first_line = offset + reader.line_num + 1  # where the next row starts
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                skipped.append(Skipped(source, f"broken CSV row: {exc}; the lines after it were read on their own",
+                                       f"line {first_line}"))
+                resume_after = first_line
+                continue
+            last_line = offset + reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [h.strip() or f"column_{i + 1}" for i, h in enumerate(row)]
+                continue
+            if len(row) != len(header):
+                if last_line > first_line:
+                    reason = (f"broken CSV row: a quote opened here closes only on line {last_line}; the lines "
+                              "after it were read on their own")
+                    skipped.append(Skipped(source, reason, f"line {first_line}"))
+                    resume_after = first_line
+                    continue
+                skipped.append(Skipped(source, f"broken CSV row: expected {len(header)} fields like the header, "
+                                               f"got {len(row)}", f"line {last_line}"))
+                continue
+            if len(blocks) + 1 > max_rows:
+                skipped.append(Skipped(source, f"row limit {max_rows} reached; later rows not read", f"line {last_line}"))
+                return blocks
+            blocks.append(Block(row_text(header, row), (name,), last_line, record=True))
+        if resume_after is None:
             break
-        except csv.Error as exc:
-            skipped.append(Skipped(source, f"broken CSV row: {exc}", f"line {reader.line_num}"))
-            continue
-        if not any(cell.strip() for cell in row):
-            continue
-        if header is None:
-            header = [h.strip() or f"column_{i + 1}" for i, h in enumerate(row)]
-            continue
-        number = len(blocks) + 1
-        if len(row) != len(header):
-            skipped.append(
-                Skipped(
-                    source,
-                    f"broken CSV row: expected {len(header)} fields like the header, got {len(row)}",
-                    f"line {reader.line_num}",
-                )
-            )
-            continue
-        if number > max_rows:
-            skipped.append(Skipped(source, f"row limit {max_rows} reached; later rows not read", f"line {reader.line_num}"))
-            break
-        blocks.append(Block(row_text(header, row), (name,), reader.line_num, record=True))
+        offset = resume_after
     return blocks
 
 
