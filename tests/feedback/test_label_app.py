@@ -111,6 +111,7 @@ def chromium_driver(profile: Path):
 
 
 def test_browser_ranks_a_task_with_a_tie_and_a_fail_and_export_holds_it(db, live, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -156,6 +157,29 @@ def test_browser_ranks_a_task_with_a_tie_and_a_fail_and_export_holds_it(db, live
             "return [...document.querySelectorAll('#overview tbody tr')].map(r => [...r.cells].map(c => c.textContent))")
         assert overview == [["alice", "1", "3"]]
 
+        # Skip (the button) leaves the second task for later; back (key b) returns to it, then to the
+        # first task with its ranks shown, which can be changed and submitted again.
+        ranks_shown = lambda: [Select(e).first_selected_option.get_attribute("value")
+                               for e in driver.find_elements(By.CSS_SELECTOR, "select.rank")]
+        driver.find_element(By.ID, "skip").click()
+        wait.until(lambda d: text("prompt") == TASKS[2]["prompt"])
+        assert text("message") == "Skipped: that task comes back once the others are labeled."
+        ActionChains(driver).send_keys("b").perform()
+        wait.until(lambda d: text("prompt") == TASKS[1]["prompt"])
+        assert text("message") == "Back to a task you skipped." and ranks_shown() == ["", "", ""]
+        ActionChains(driver).send_keys("b").perform()
+        wait.until(lambda d: text("prompt") == TASKS[0]["prompt"])
+        assert ranks_shown() == ["1", "2", "2", "F"]
+        assert "failed" in driver.find_elements(By.CSS_SELECTOR, "#completions .completion")[3].get_attribute("class")
+        for select, rank in zip(driver.find_elements(By.CSS_SELECTOR, "select.rank"), ["2", "1", "1", "F"]):
+            Select(select).select_by_value(rank)
+        driver.find_element(By.ID, "submit").click()
+        # The next task is the first one not skipped; skipping it (key s) brings the skipped one back.
+        wait.until(lambda d: text("prompt") == TASKS[2]["prompt"])
+        assert text("progress-text") == "1 / 3 labeled"
+        ActionChains(driver).send_keys("s").perform()
+        wait.until(lambda d: text("prompt") == TASKS[1]["prompt"])
+
         screenshot = tmp_path / "page.png"
         assert driver.save_screenshot(str(screenshot))
         png = screenshot.read_bytes()
@@ -170,7 +194,7 @@ def test_browser_ranks_a_task_with_a_tie_and_a_fail_and_export_holds_it(db, live
     assert export(db, out) == 1
     assert [json.loads(line) for line in out.read_text().splitlines()] == [
         {"id": "capital", "prompt": TASKS[0]["prompt"], "completions": TASKS[0]["completions"],
-         "ranks": [1, 2, 2, "F"], "labeler": "alice"}]
+         "ranks": [2, 1, 1, "F"], "labeler": "alice"}]
 
 
 def test_twenty_concurrent_labelers_lose_none_of_1000_labels(tmp_path):
@@ -413,3 +437,55 @@ def test_serve_loads_the_tasks_and_serves_the_app_until_stopped(tmp_path):
         stderr = proc.communicate(timeout=15)[1]
     assert f"{tasks}: {len(TASKS)} new task(s)" in stderr
     assert f"labeling at http://127.0.0.1:{port}/" in stderr
+
+
+def test_importing_a_ranked_file_keeps_its_labels_per_labeler(tmp_path):
+    """An exported file (or a judge's rankings) loads back with every labeler's ranks; a label the
+    database already holds is kept; ranks that do not fit, or one labeler ranking a task two ways,
+    are named by line and nothing is loaded."""
+    from alignkit.feedback.label_store import load_rankings
+
+    db = tmp_path / "labels.sqlite"
+    capital = {k: TASKS[0][k] for k in ("id", "prompt", "completions")}
+    ranked = [{**capital, "ranks": [1, 2, 2, "F"], "labeler": "alice"},
+              {**capital, "ranks": [4, 3, 2, 1], "labeler": "bob"},
+              {**TASKS[1], "ranks": [1, 1, 2], "labeler": "judge:safe*-2.0"},
+              {**TASKS[1], "ranks": [1, 1, 2], "labeler": "judge:safe*-2.0"},  # repeated, same ranks: once
+              {**TASKS[2], "ranks": [], "labeler": None}]
+    token = add_labeler(db, "alice")
+    assert load_rankings(db, write_jsonl(tmp_path / "ranked.jsonl", ranked)) == (3, 3)
+    second = task_id(TASKS[1]["prompt"], TASKS[1]["completions"])
+    assert stored_labels(db) == sorted([("capital", "alice", '[1, 2, 2, "F"]'), ("capital", "bob", "[4, 3, 2, 1]"),
+                                        (second, "judge:safe*-2.0", "[1, 1, 2]")])
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # alice keeps her token; bob is known, without one
+        assert conn.execute("SELECT token_sha256 FROM labelers WHERE name = 'alice'").fetchone()[0] == hash_token(token)
+        assert conn.execute("SELECT COUNT(*) FROM labelers").fetchone()[0] == 3
+    # Loading an older file again keeps the database's labels: they are the newer work.
+    older = [{**capital, "ranks": [2, 1, 1, 1], "labeler": "alice"}]
+    assert load_rankings(db, write_jsonl(tmp_path / "older.jsonl", older)) == (0, 0)
+    assert ("capital", "alice", '[1, 2, 2, "F"]') in stored_labels(db)
+    bad = [{**capital, "ranks": [1, 2], "labeler": "carol"}, {**capital, "ranks": [1, 2, 3, 4]},
+           {**capital, "ranks": [1, 1, 1, 1], "labeler": "dan"}, {**capital, "ranks": [2, 2, 2, 2], "labeler": "dan"}]
+    with pytest.raises(DataError) as caught:
+        load_rankings(db, write_jsonl(tmp_path / "bad.jsonl", bad))
+    assert caught.value.problems == ["line 1: got 2 rank(s) for 4 completions; give one per completion",
+                                     'line 2: ranks without a "labeler": whose ranking is it?',
+                                     "line 4: dan already ranked this task differently on line 3"]
+    assert len(stored_labels(db)) == 3
+
+
+def test_skip_passes_over_tasks_until_only_skipped_ones_are_left_and_back_shows_ranks(db, live):
+    token = add_labeler(db, "alice")
+    second = task_id(TASKS[1]["prompt"], TASKS[1]["completions"])
+    with client(live, token) as c:
+        assert c.get("/api/next", params={"skip": ["capital"]}).json()["task"]["id"] == second
+        assert c.get("/api/next", params={"skip": ["capital", second]}).json()["task"]["prompt"] == TASKS[2]["prompt"]
+        everything = ["capital", second, task_id(TASKS[2]["prompt"], TASKS[2]["completions"])]
+        assert c.get("/api/next", params={"skip": everything}).json()["task"]["id"] == "capital"  # skipped come back
+        assert c.get("/api/task/capital").json() == {"task": {k: TASKS[0][k] for k in ("id", "prompt", "completions")},
+                                                     "ranks": None}
+        assert c.post("/api/labels", json={"task_id": "capital", "ranks": [1, 2, 3, 4]}).status_code == 200
+        assert c.get("/api/task/capital").json()["ranks"] == [1, 2, 3, 4]
+        missing = c.get("/api/task/nope")
+        assert missing.status_code == 404 and missing.json()["detail"] == "no task with id 'nope'"
+        assert client(live, None).get("/api/task/capital").status_code == 401

@@ -8,7 +8,9 @@ listens on 127.0.0.1 by default; put it behind a TLS proxy to serve other machin
 API (all under /api, all need `Authorization: Bearer <token>`):
   GET  /api/me            -> {"labeler"}
   GET  /api/instructions  -> {"markdown"}
-  GET  /api/next          -> {"task": {"id", "prompt", "completions"} or null, "done", "total"}
+  GET  /api/next?skip=ID  -> {"task": {"id", "prompt", "completions"} or null, "done", "total"}; the
+                             first task not yet labeled, passing over skipped ids while others are left
+  GET  /api/task/ID       -> {"task", "ranks"}: a task and this labeler's ranks of it (null if none), for "back"
   POST /api/labels        {"task_id", "ranks"} -> {"done", "total"}; 422 with a message if invalid
   GET  /api/progress      -> {"total", "labelers": [{"name", "done"}]}
 """
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -107,10 +109,18 @@ def create_app(db_path: Path, instructions_path: Path | None = None) -> FastAPI:
         return {"markdown": instructions}
 
     @app.get("/api/next")
-    def next_task(name: Labeler) -> dict:
+    def next_task(name: Labeler, skip: Annotated[list[str], Query()] = []) -> dict:
         with store.connect(db_path) as conn:
-            task = store.next_task(conn, name)
+            task = store.next_task(conn, name, skip)
             return {"task": None if task is None else dataclasses.asdict(task), **store.done_and_total(conn, name)}
+
+    @app.get("/api/task/{task_id}")
+    def get_task(task_id: str, name: Labeler) -> dict:
+        with store.connect(db_path) as conn:
+            found = store.task_for(conn, name, task_id)
+        if found is None:
+            raise HTTPException(404, f"no task with id {task_id!r}")
+        return {"task": dataclasses.asdict(found[0]), "ranks": found[1]}
 
     @app.post("/api/labels")
     def post_label(label: LabelIn, name: Labeler) -> dict:
@@ -134,12 +144,12 @@ def serve(db_path: Path, tasks_path: Path | None, port: int = 8000, host: str = 
     """Load `tasks_path` (when given) into the database, then serve the app until interrupted."""
     import uvicorn
 
-    added = load_tasks(db_path, tasks_path) if tasks_path is not None else 0
+    added, labels = store.load_rankings(db_path, tasks_path) if tasks_path is not None else (0, 0)
     app = create_app(db_path, instructions_path)
     with store.connect(db_path) as conn:
         overview = store.progress(conn)
     if tasks_path is not None:
-        print(f"{tasks_path}: {added} new task(s)", file=sys.stderr)
+        print(f"{tasks_path}: {added} new task(s), {labels} new label(s) kept from the file", file=sys.stderr)
     print(f"{db_path}: {overview['total']} task(s), {len(overview['labelers'])} labeler(s)", file=sys.stderr)
     if not overview["labelers"]:
         print(f"no labelers yet: add one with `alignkit label add-labeler NAME --db {db_path}`", file=sys.stderr)

@@ -4,7 +4,7 @@ A rankings file (JSONL) holds one task per line: `{"id": str?, "prompt": str, "c
 ...], "ranks": [...], "labeler": str}`. Rank 1 is best, equal ranks are ties, and "F" marks a
 completion that fails the instructions outright. Tasks keep their given "id", else get a hash of
 prompt and completions, so loading the same file twice adds nothing and an exported file loads back
-as the same tasks.
+as the same tasks, its rankings as the same labels, each kept under its labeler.
 
 Each labeler labels a task at most once; submitting again replaces their label. The journal is WAL
 so readers never block the one writer, every connection waits (busy timeout) rather than failing
@@ -20,7 +20,7 @@ import json
 import re
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,13 +127,28 @@ def task_problems(obj: dict) -> list[str]:
 def read_tasks(tasks_path: Path) -> list[tuple[int, Task]]:
     """Read and check a rankings file into (line number, task) pairs, one per distinct task.
 
-    Every bad line is reported, with its number, in one DataError.
-
-    Any "ranks" and "labeler" in the file are ignored: this reads tasks, so an exported file (one
-    line per label) reads back as its distinct tasks.
+    Every bad line is reported, with its number, in one DataError. An exported file (one line per
+    label) reads back as its distinct tasks; read_rankings also returns the labels.
     """
+    return read_rankings(tasks_path)[0]
+
+
+@dataclass(frozen=True)
+class FileLabel:
+    """A ranking already in a rankings file: `labeler`'s ranks of a task, from line `lineno`."""
+
+    lineno: int
+    task_id: str
+    labeler: str
+    ranks: list
+
+
+def read_rankings(tasks_path: Path) -> tuple[list[tuple[int, Task]], list[FileLabel]]:
+    """The distinct tasks of a rankings file and the labels it holds: a line with non-empty "ranks"
+    and a "labeler" is that labeler's ranking of the task. Every bad line is reported in one DataError."""
     problems: list[str] = []
     tasks: dict[str, tuple[int, Task]] = {}
+    labels: dict[tuple[str, str], FileLabel] = {}
     for lineno, obj in read_jsonl(tasks_path):
         errors = task_problems(obj)
         if errors:
@@ -147,21 +162,44 @@ def read_tasks(tasks_path: Path) -> list[tuple[int, Task]]:
             if first != task:
                 problems.append(f"line {lineno}: id {task.id!r} was already used on line {first_line} "
                                 "for a different prompt or completions")
+                continue
+        else:
+            tasks[task.id] = (lineno, task)
+        ranks, labeler = obj.get("ranks") or [], obj.get("labeler")
+        if not ranks:
             continue
-        tasks[task.id] = (lineno, task)
+        if not isinstance(labeler, str) or not labeler.strip():
+            problems.append(f'line {lineno}: ranks without a "labeler": whose ranking is it?')
+            continue
+        rank_errors = rank_problems(ranks, len(task.completions))
+        earlier = labels.get((task.id, labeler))
+        if rank_errors:
+            problems.extend(f"line {lineno}: {e}" for e in rank_errors)
+        elif earlier is not None and earlier.ranks != ranks:
+            problems.append(f"line {lineno}: {labeler} already ranked this task differently on line {earlier.lineno}")
+        else:
+            labels.setdefault((task.id, labeler), FileLabel(lineno, task.id, labeler, ranks))
     if problems:
         raise DataError(tasks_path, problems)
-    return list(tasks.values())
+    return list(tasks.values()), list(labels.values())
 
 
 def load_tasks(db_path: Path, tasks_path: Path) -> int:
-    """Add the tasks of a rankings file to the database and return how many were new.
+    """Add the tasks (and labels) of a rankings file to the database; return how many tasks were new."""
+    return load_rankings(db_path, tasks_path)[0]
+
+
+def load_rankings(db_path: Path, tasks_path: Path) -> tuple[int, int]:
+    """Add the tasks of a rankings file, and the labels it holds, to the database; return (new tasks,
+    new labels).
 
     Loading is all or nothing. A task already in the database is skipped when its prompt and
     completions are the same, and an error otherwise: changing them would silently change what
-    existing labels rank.
+    existing labels rank. Labels are kept per labeler; a labeler named in the file but not yet in the
+    database is added without a working token (`alignkit label add-labeler NAME --replace` issues
+    one). A label the database already holds for that task and labeler is kept: it is the newer work.
     """
-    tasks = read_tasks(tasks_path)
+    tasks, labels = read_rankings(tasks_path)
     init_db(db_path)
     with connect(db_path) as conn, conn:
         conn.execute("BEGIN IMMEDIATE")
@@ -177,16 +215,38 @@ def load_tasks(db_path: Path, tasks_path: Path) -> int:
                                 "different prompt or completions under this id")
         if problems:
             raise DataError(tasks_path, problems)  # leaving the `with conn` block rolls back
-    return added
+        labels_added = 0
+        for label in labels:
+            conn.execute("INSERT INTO labelers (name, token_sha256, created_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT(name) DO NOTHING", (label.labeler, hash_token(secrets.token_urlsafe(24)), now()))
+            labels_added += conn.execute(
+                "INSERT INTO labels (task_id, labeler, ranks, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(task_id, labeler) DO NOTHING",
+                (label.task_id, label.labeler, json.dumps(label.ranks), now())).rowcount
+    return added, labels_added
 
 
-def next_task(conn: sqlite3.Connection, labeler: str) -> Task | None:
-    """The first task, in load order, that `labeler` has not labeled; None when they have done all."""
-    row = conn.execute(
+def next_task(conn: sqlite3.Connection, labeler: str, skip: Sequence[str] = ()) -> Task | None:
+    """The first task, in load order, that `labeler` has not labeled, passing over the ids in `skip`
+    (tasks they chose to leave for later) while any other is left; None when they have done all."""
+    rows = conn.execute(
         "SELECT id, prompt, completions FROM tasks t WHERE NOT EXISTS "
-        "(SELECT 1 FROM labels l WHERE l.task_id = t.id AND l.labeler = ?) ORDER BY seq LIMIT 1",
-        (labeler,)).fetchone()
-    return None if row is None else Task(row[0], row[1], json.loads(row[2]))
+        "(SELECT 1 FROM labels l WHERE l.task_id = t.id AND l.labeler = ?) ORDER BY seq", (labeler,))
+    first = None
+    for row in rows:
+        if row[0] not in skip:
+            return Task(row[0], row[1], json.loads(row[2]))
+        first = first or row
+    return None if first is None else Task(first[0], first[1], json.loads(first[2]))
+
+
+def task_for(conn: sqlite3.Connection, labeler: str, task_id: str) -> tuple[Task, list | None] | None:
+    """A task by id and `labeler`'s ranks of it (None if not labeled yet); None for an unknown id."""
+    row = conn.execute("SELECT t.id, t.prompt, t.completions, l.ranks FROM tasks t LEFT JOIN labels l "
+                       "ON l.task_id = t.id AND l.labeler = ? WHERE t.id = ?", (labeler, task_id)).fetchone()
+    if row is None:
+        return None
+    return Task(row[0], row[1], json.loads(row[2])), None if row[3] is None else json.loads(row[3])
 
 
 # --- labelers --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-// The labeling page: log in with a token, then rank one task's completions at a time.
+// The labeling page: log in with a token, then rank one task's completions at a time; skip a task
+// for later (key s) or go back to the previous one to change its ranks (key b).
 //
 // The token is kept in localStorage so a labeler logs in once per browser, and every API call
 // sends it as a bearer token. Prompts and completions are model output: they are only ever
@@ -10,6 +11,8 @@ const FAIL = "F";
 
 let token = localStorage.getItem(TOKEN_KEY);
 let currentTask = null;
+const history = [];  // ids of the tasks shown before the current one, oldest first, for "back"
+const skipped = new Set();  // ids passed over with "skip": they come back once the others are done
 
 const $ = (id) => document.getElementById(id);
 
@@ -62,13 +65,53 @@ async function start() {
 }
 
 async function loadNext() {
-  const next = await api("api/next");
-  currentTask = next.task;
+  const query = [...skipped].map((id) => `skip=${encodeURIComponent(id)}`).join("&");
+  const next = await api(`api/next${query ? "?" + query : ""}`);
+  showTask(next.task, null);
   showProgress(next.done, next.total);
-  $("label-form").hidden = currentTask === null;
-  $("all-done").hidden = currentTask !== null;
-  if (currentTask !== null) renderTask(currentTask);
   await loadOverview();
+}
+
+function showTask(task, ranks) {
+  currentTask = task;
+  $("label-form").hidden = task === null;
+  $("all-done").hidden = task !== null;
+  $("back").disabled = history.length === 0;
+  if (task !== null) renderTask(task, ranks);
+}
+
+// Leave the current task for later: it comes back once every other task is labeled.
+async function skipTask() {
+  if (currentTask === null) return;
+  skipped.add(currentTask.id);
+  history.push(currentTask.id);
+  await guarded(async () => {
+    await loadNext();
+    setMessage("Skipped: that task comes back once the others are labeled.");
+  });
+}
+
+// Show the task before this one again, with the ranks given to it (if any), to change them.
+async function goBack() {
+  if (history.length === 0) {
+    setMessage("There is no earlier task in this session.", true);
+    return;
+  }
+  const id = history.pop();
+  await guarded(async () => {
+    const { task, ranks } = await api(`api/task/${encodeURIComponent(id)}`);
+    showTask(task, ranks);
+    setMessage(ranks === null ? "Back to a task you skipped." : "Back to a task you ranked: submit to change its ranks.");
+  });
+}
+
+async function guarded(action) {
+  try {
+    await action();
+  } catch (e) {
+    if (e instanceof AuthError) showLogin("Your token is no longer valid.");
+    else setMessage(e.message, true);
+  }
 }
 
 function showProgress(done, total) {
@@ -77,7 +120,7 @@ function showProgress(done, total) {
   $("progress-bar").value = done;
 }
 
-function renderTask(task) {
+function renderTask(task, ranks) {
   $("prompt").textContent = task.prompt;
   const list = $("completions");
   list.replaceChildren();
@@ -95,6 +138,8 @@ function renderTask(task) {
     select.append(new Option("rank…", ""));
     for (let r = 1; r <= n; r++) select.append(new Option(String(r), String(r)));
     select.append(new Option("F (fails)", FAIL));
+    if (ranks) select.value = String(ranks[i]);
+    row.classList.toggle("failed", select.value === FAIL);
     select.addEventListener("change", () => row.classList.toggle("failed", select.value === FAIL));
     row.append(body, select);
     const item = document.createElement("li");
@@ -116,6 +161,8 @@ async function submitRanking(event) {
   $("submit").disabled = true;
   try {
     await api("api/labels", { method: "POST", body: JSON.stringify({ task_id: currentTask.id, ranks }) });
+    skipped.delete(currentTask.id);
+    history.push(currentTask.id);
     await loadNext();
     setMessage("Saved. Here is the next task.");
   } catch (e) {
@@ -200,6 +247,16 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("logout").addEventListener("click", () => showLogin(""));
   $("label-form").addEventListener("submit", submitRanking);
+  $("skip").addEventListener("click", skipTask);
+  $("back").addEventListener("click", goBack);
+  // Shortcuts: s skips, b goes back; not while typing a token or with a modifier held.
+  document.addEventListener("keydown", (event) => {
+    if ($("app").hidden || event.ctrlKey || event.metaKey || event.altKey || event.target.tagName === "INPUT") return;
+    if (event.key === "s" || event.key === "b") {
+      event.preventDefault();
+      (event.key === "s" ? skipTask : goBack)();
+    }
+  });
   if (token) start();
   else showLogin("");
 });
