@@ -308,6 +308,7 @@ def eval_models(
                                                   "metrics.json and PNG plots. Default runs/eval-DATE-TIME."),
     samples: int = typer.Option(8, help="Prompts whose completions the report shows side by side."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    restart: bool = RESTART_OPT,
 ):
     """Compare models on held-out prompts: reward, KL to the base (adapters), toxicity (mean and share
     above 0.5), sentiment, length, distinct-2, and win rate by an independent judge; write a report.
@@ -316,11 +317,15 @@ def eval_models(
     runs plot reward, KL, judge and length per step and list their monitor warnings; DPO runs plot
     loss and margin per step. Give a PPO and a DPO run trained on the same pairs to compare them.
 
+    Completions are kept batch by batch in OUT.completions.jsonl beside the report directory: a
+    killed evaluation, run again with the same --out, continues, and a rerun generates nothing again.
+
     Example: alignkit eval --models before=embedded,ppo=runs/ppo1/final,dpo=runs/dpo1/final \\
              --prompts held_out.txt --reward runs/rm --judge configs/judge_safety.yaml --out runs/report
     """
     from alignkit.data.prompts import load_prompts
     from alignkit.evaluate.compare import evaluate_models
+    from alignkit.evaluate.completion_cache import CompletionCache
     from alignkit.evaluate.rewards import load_reward
     from alignkit.evaluate.report import write_report
 
@@ -334,14 +339,16 @@ def eval_models(
 
         judge_fn = load_judge(judge).score
     prompt_list = load_prompts(prompts)
+    out = out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
+    cache = CompletionCache(out.with_name(out.name + ".completions.jsonl"), dict(pairs), prompt_list,
+                            max_new_tokens=max_new_tokens, batch_size=8, restart=restart)
     reports = evaluate_models(dict(pairs), prompt_list, reward=reward_fn, judge=judge_fn,
-                              max_new_tokens=max_new_tokens, device=device, tie_margin=tie_margin)
+                              max_new_tokens=max_new_tokens, device=device, tie_margin=tie_margin, cache=cache)
     keys = list(dict.fromkeys(k for r in reports for k in r.metrics))
     print(f"{'metric':<28}" + "".join(f"{r.name:>14}" for r in reports))
     for k in keys:
         cells = [r.metrics.get(k) for r in reports]
         print(f"{k:<28}" + "".join(f"{'-' if c is None else round(c, 4):>14}" for c in cells))
-    out = out or Path("runs") / time.strftime("eval-%Y%m%d-%H%M%S")
     meta = {"prompts": str(prompts), "reward": str(reward) if reward else None,
             "judge": str(judge) if judge else None, "max_new_tokens": max_new_tokens, "tie_margin": tie_margin}
     write_report(out, reports, prompt_list, dict(pairs), meta, samples=samples)

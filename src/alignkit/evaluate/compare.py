@@ -53,18 +53,24 @@ def kl_to_base(model, prompt_ids: list[list[int]], tokens: list[list[int]], pad_
 
 
 def evaluate_models(models: dict[str, str], prompts: list[str], *, reward=None, judge=None,
-                    max_new_tokens: int = 48, device: str = "auto", batch_size: int = 8) -> list[ModelReport]:
+                    max_new_tokens: int = 48, device: str = "auto", batch_size: int = 8,
+                    cache=None) -> list[ModelReport]:
     """Generate greedily with every model on the same prompts and score the completions.
 
     `reward` and `judge` are (prompts, completions) -> scores callables (a reward model or a judge);
     the win rate of each model is against the first model, by the judge (ties count one half).
+    `cache` (a completion_cache.CompletionCache over the same models and prompts) keeps the
+    completions batch by batch, so a killed run continues and a rerun generates nothing again.
     """
     toxicity, sentiment = ToxicityJudge(), SentimentJudge()
     reports = []
     for name, spec in models.items():
         model, tok = load_model(spec, device=device)
-        gen = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=f"eval {name}")
+        if cache is not None:
+            gen = cache.generate(name, model, tok)
+        else:
+            gen = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=f"eval {name}")
         tox = toxicity.score(prompts, gen.texts)
         m = {"response_tokens": sum(map(len, gen.tokens)) / len(gen.tokens),
              "distinct_2": round(distinct_n(gen.texts), 4),
