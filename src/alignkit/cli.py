@@ -592,6 +592,15 @@ def _export_app():
 app.add_typer(_export_app(), name="export")
 
 
+def _register_serve():
+    from alignkit.serve.cli import register_serve
+
+    register_serve(app)
+
+
+_register_serve()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # torchao (imported by peft and transformers when installed) logs that its CUDA kernels failed to
