@@ -110,3 +110,49 @@ def test_pal_and_agent_over_http_see_the_same_replies_as_in_process(long_tiny_di
     agent_served = json.loads(served_agent.output.strip().splitlines()[-1])
     assert [s["output"] for s in agent_served["steps"]] == [s["output"] for s in local_agent["steps"]]
     assert agent_served["status"] == local_agent["status"] and len(agent_served["steps"]) == 2
+
+
+def test_alignkit_serve_command(tiny_model_dir, tmp_path):
+    """The real command in its own process: serves the model under its --model name, requires the key
+    from --api-key-env and never prints it; an unset key variable is refused before loading."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from .conftest import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SERVE_TEST_KEY": "sk-never-print-me"}
+    bad = subprocess.run([sys.executable, "-m", "alignkit.cli", "serve", "--model", str(tiny_model_dir),
+                          "--api-key-env", "NO_SUCH_VARIABLE_SET"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "NO_SUCH_VARIABLE_SET" in bad.stderr
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "serve", "--model", str(tiny_model_dir),
+                                 "--port", str(port), "--api-key-env", "SERVE_TEST_KEY", "--max-tokens", "4"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.3)
+        headers = {"Authorization": "Bearer sk-never-print-me"}
+        body = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "Hi"}]}
+        assert httpx.post(f"{base}/v1/chat/completions", json=body).status_code == 401
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "POST /v1/chat/completions" in text and "sk-never-print-me" not in text
