@@ -35,11 +35,14 @@ def test_eval_reports_every_metric_for_every_model(tmp_path, tiny_model_dir):
     for r in report:
         assert len(r["completions"]) == 3
         assert {"reward_mean", "toxicity_mean", "toxicity_share_over_0.5", "sentiment_mean", "response_tokens",
-                "distinct_2", "judge_mean", "win_rate_vs_before"} <= set(r["metrics"])
+                "distinct_2", "repetition_mean", "relevance_mean", "judge_mean", "win_rate_vs_before",
+                "win_rate_ci95_low", "win_rate_ci95_high"} <= set(r["metrics"])
+        assert r["metrics"]["win_rate_ci95_low"] <= r["metrics"]["win_rate_vs_before"] <= r["metrics"]["win_rate_ci95_high"]
     before, after = report[0]["metrics"], report[1]["metrics"]
     assert before["kl_to_base"] is None  # a plain model has no adapter to disable
     assert math.isfinite(after["kl_to_base"]) and after["kl_to_base"] > 0.0  # exact KL: never negative
     assert before["win_rate_vs_before"] == 0.5  # against itself every prompt is a tie
+    assert before["win_rate_ci95_low"] == before["win_rate_ci95_high"] == 0.5
     assert "toxicity_mean" in result.output and "win_rate_vs_before" in result.output
 
 
@@ -74,3 +77,35 @@ def test_kl_to_base_is_exact_and_batch_independent(tiny_model_dir):
     assert want > 0
     assert kl_to_base(policy, prompt_ids, tokens, tok.pad_token_id, batch_size=2) == pytest.approx(want, rel=1e-4)
     assert kl_to_base(policy, prompt_ids, tokens, tok.pad_token_id, batch_size=8) == pytest.approx(want, rel=1e-4)
+
+
+def test_win_outcomes_count_near_ties_as_half():
+    from alignkit.evaluate.compare import win_outcomes
+
+    assert win_outcomes([0.8, 0.4, 0.61, 0.2], [0.6, 0.4, 0.6, 0.5]) == [1.0, 0.5, 1.0, 0.0]
+    # With a tie margin of 0.05 the 0.01 difference (a toxicity wobble) is a tie.
+    assert win_outcomes([0.8, 0.4, 0.61, 0.2], [0.6, 0.4, 0.6, 0.5], tie_margin=0.05) == [1.0, 0.5, 0.5, 0.0]
+
+
+def test_bootstrap_interval_of_a_win_rate():
+    """40 prompts, 30 wins: mean 0.75, binomial standard error sqrt(0.75 * 0.25 / 40) = 0.0685, so a
+    95% interval of about 0.75 -+ 1.96 * 0.0685 = [0.616, 0.884]; the percentile bootstrap lands
+    within 0.03 of it (it moves in steps of 1/40). All-equal values have a zero-width interval."""
+    from alignkit.evaluate.compare import bootstrap_interval
+
+    lo, hi = bootstrap_interval([1.0] * 30 + [0.0] * 10)
+    assert lo == pytest.approx(0.616, abs=0.03) and hi == pytest.approx(0.884, abs=0.03)
+    assert bootstrap_interval([1.0] * 30 + [0.0] * 10) == (lo, hi)  # seeded
+    assert bootstrap_interval([0.5] * 12) == (0.5, 0.5)
+
+
+def test_relevance_prefers_the_answer_to_this_message():
+    """MiniLM cosine: a reply about the customer's kettle is closer to the kettle message than a
+    canned reply about something else, which is the same for every message."""
+    from alignkit.evaluate.judges import RelevanceJudge
+
+    judge = RelevanceJudge()
+    prompt = "My kettle from order #41234 arrived cracked. I want a replacement."
+    on_topic, canned = judge.score([prompt, prompt], ["Sorry your kettle arrived cracked; a replacement kettle "
+                                                      "ships today.", "Thank you for your interest in our newsletter."])
+    assert on_topic > canned + 0.2

@@ -1,18 +1,29 @@
 """The report of `alignkit eval`: a PPO run and a DPO run of the tiny model side by side with the
-base, their curves plotted, the PPO monitor's warnings carried into the report."""
+base, their curves plotted, the PPO monitor's warnings carried into the report, and the PPO run's
+held-out probe (proxy reward and a rubric gold judge) logged per step and plotted."""
 
 import json
 
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
 from alignkit.cli import app
 from alignkit.config import DPOConfig, PPOConfig, load_config
-from alignkit.models import ScalarHeadModel, load_model
+from alignkit.evaluate.judges import load_judge
+from alignkit.models import ScalarHeadModel, generate, load_model
 from alignkit.recipes import dpo, ppo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A gold judge the tiny model's random text passes now and then: short replies, and no letter 'x'.
+GOLD = """components:
+  - name: rubric
+    judge: rubric
+    criteria:
+      - {name: short, words: [0, 3]}
+      - {name: no_x, none: ["x"]}
+"""
 
 
 def _ppo_and_dpo(tmp, model_dir):
@@ -27,7 +38,9 @@ def _ppo_and_dpo(tmp, model_dir):
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "learning_rate": 1e-2, "lr_scheduler": "constant"}
     ppo_cfg = {**common, "run_name": "ppo", "data": {"prompts": str(prompts)}, "reward": str(tmp / "rm"),
                "rollout_batch": 4, "minibatch_size": 2, "max_new_tokens": 6, "max_steps": 3, "save_every": 3,
-               "monitors": {"max_kl": 1e-9}}
+               "monitors": {"max_kl": 1e-9, "judge": str(tmp / "gold.yaml")},
+               "probe": {"prompts": str(prompts), "every": 2, "n": 3}}
+    (tmp / "gold.yaml").write_text(GOLD)
     (tmp / "ppo.yaml").write_text(yaml.safe_dump(ppo_cfg))
     ppo_dir = ppo.main(load_config(PPOConfig, tmp / "ppo.yaml"))
     pairs = tmp / "pairs.jsonl"
@@ -50,7 +63,7 @@ def test_report_puts_ppo_and_dpo_beside_the_base(tmp_path, tiny_model_dir):
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "report.html" in result.output
-    for png in ("reward_kl.png", "length.png", "dpo.png", "toxicity.png"):
+    for png in ("reward_kl.png", "length.png", "dpo.png", "toxicity.png", "gold_proxy.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
     metrics = json.loads((out / "metrics.json").read_text())
     assert [m["name"] for m in metrics["models"]] == ["base", "ppo", "dpo"]
@@ -63,7 +76,26 @@ def test_report_puts_ppo_and_dpo_beside_the_base(tmp_path, tiny_model_dir):
     assert md.count("\n| Where is my order? |") == 1 and "Can I return shoes?" in md.split("## Samples")[1]
     assert "How long does a refund take?" not in md.split("## Samples")[1]  # --samples 2
     page = (out / "report.html").read_text()
-    assert "<img src='reward_kl.png'" in page and "class='warn'" in page
+    assert "<img src='reward_kl.png'" in page and "class='warn'" in page and "<img src='gold_proxy.png'" in page
+    assert ppo_run["probe_gold_last"] is not None and ppo_run["probe_proxy_last"] is not None
+
+
+def test_probe_logs_gold_and_proxy_of_the_policys_greedy_replies(tmp_path, tiny_model_dir):
+    """3 PPO steps with probe.every 2: probes before step 1 (step 0), at step 2 and after the last
+    (step 3). The last probe_gold is the rubric's mean over the final policy's greedy replies to the
+    first 3 prompts, and probe_proxy the reward model's: recomputed here from the saved adapter."""
+    prompts, ppo_dir, _ = _ppo_and_dpo(tmp_path, tiny_model_dir)
+    records = [json.loads(l) for l in (ppo_dir / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in records if "probe_proxy" in r]
+    assert [r["step"] for r in probes] == [0, 2, 3] and all("probe_gold" in r for r in probes)
+    policy, tok = load_model(str(ppo_dir / "final"), device="cpu")
+    first3 = prompts.read_text().splitlines()[:3]
+    texts = generate(policy, tok, first3, max_new_tokens=6).texts
+    gold = load_judge(tmp_path / "gold.yaml").score(first3, texts)
+    assert probes[-1]["probe_gold"] == pytest.approx(sum(gold) / 3, abs=1e-6)
+    rm, rm_tok = ScalarHeadModel.from_pretrained(tmp_path / "rm" / "final", device="cpu")
+    proxy = rm.score_texts(rm_tok, first3, texts)
+    assert probes[-1]["probe_proxy"] == pytest.approx(sum(proxy) / 3, abs=1e-4)
 
 
 def test_report_without_training_runs_says_no_monitor_ran(tmp_path, tiny_model_dir):
@@ -74,5 +106,26 @@ def test_report_without_training_runs_says_no_monitor_ran(tmp_path, tiny_model_d
                                       "--max-new-tokens", "4", "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.html", "report.md", "toxicity.png"]
-    assert "No PPO run among the models" in (out / "report.md").read_text()
+    assert "No PPO or GRPO run among the models" in (out / "report.md").read_text()
     assert "Hi &lt;b&gt;there&lt;/b&gt;" in (out / "report.html").read_text()  # model and user text is escaped
+
+
+def test_report_shows_the_reward_models_held_out_accuracy(tmp_path, tiny_model_dir):
+    """A reward model given as its run directory brings its held-out pair accuracy into the report.
+    The run directory is written by hand here (a config and two eval records), not trained."""
+    rm_dir = tmp_path / "rm"
+    base, tok = load_model(str(tiny_model_dir), device="cpu")
+    ScalarHeadModel(base).save_pretrained(rm_dir / "final", tok)
+    (rm_dir / "config.yaml").write_text(yaml.safe_dump({"center_coef": 0.01, "model": str(tiny_model_dir)}))
+    (rm_dir / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_accuracy": 0.5}) + "\n"
+                                          + json.dumps({"step": 9, "eval_accuracy": 0.8125}) + "\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi\n")
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["eval", "--models", f"a={tiny_model_dir}", "--prompts", str(prompts),
+                                      "--reward", str(rm_dir), "--max-new-tokens", "4", "--out", str(out),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "The reward model's held-out pair accuracy: 0.812" in (out / "report.md").read_text()
+    runs = json.loads((out / "metrics.json").read_text())["training_runs"]
+    assert runs["reward model"]["eval_accuracy_first"] == 0.5 and runs["reward model"]["eval_accuracy_last"] == 0.8125

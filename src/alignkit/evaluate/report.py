@@ -4,6 +4,9 @@ It puts the evaluated models side by side (metrics on the same held-out prompts,
 for every model that came out of an alignkit training run (an adapter in RUN_DIR/final), the run's
 per-step curves and the warnings its reward-hacking monitors raised. A PPO and a DPO run trained on
 the same preferences thus meet in one report: the same evaluation table, their curves and costs.
+An RL run with a held-out probe (probe_proxy, probe_gold) gets a gold-vs-proxy plot, where reward
+hacking shows as the proxy rising while the gold score stalls or falls; a reward model given as a
+run directory brings its held-out pair accuracy.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from alignkit.io import atomic_dir, read_jsonl
 from alignkit.runs import CONFIG_FILE, METRICS_FILE
 
 REPORT_FILES = ("report.md", "report.html", "metrics.json")
+ONLINE = ("ppo", "grpo")  # recipes that log a batch score per step
 
 
 @dataclass
@@ -33,8 +37,13 @@ class TrainingRun:
     @property
     def steps(self) -> list[dict]:
         """Per-step training records (the final eval summary of a pairwise run has no 'loss'/'score')."""
-        key = "score" if self.recipe == "ppo" else "loss"
+        key = "score" if self.recipe in ONLINE else "loss"
         return [r for r in self.records if key in r]
+
+    @property
+    def probes(self) -> list[dict]:
+        """Records with a held-out probe (probe_proxy, and probe_gold when a gold judge was set)."""
+        return [r for r in self.records if "probe_proxy" in r]
 
     @property
     def warnings(self) -> list[tuple[int, str]]:
@@ -47,17 +56,23 @@ class TrainingRun:
                "monitor_warnings": len(self.warnings)}
         if steps:
             first, last = steps[0], steps[-1]
-            keys = ("score", "kl", "response_length") if self.recipe == "ppo" else ("loss", "accuracy", "margin")
+            keys = ("score", "kl", "response_length") if self.recipe in ONLINE else ("loss", "accuracy", "margin")
             for k in keys:
                 if k in first:
                     out[f"{k}_first"], out[f"{k}_last"] = first[k], last[k]
-            if self.recipe == "ppo" and "judge" in first:
+            if self.recipe in ONLINE and "judge" in first:
                 out["judge_first"], out["judge_last"] = first["judge"], last["judge"]
+        for key in ("probe_proxy", "probe_gold", "eval_accuracy"):
+            have = [r for r in self.records if key in r]
+            if have:
+                out[f"{key}_first"], out[f"{key}_last"] = have[0][key], have[-1][key]
         return out
 
 
 def recipe_of(config: dict) -> str:
     """Which recipe wrote a run directory, from the keys of its resolved config."""
+    if "group_size" in config:
+        return "grpo"
     if "rollout_batch" in config:
         return "ppo"
     if "beta" in config:
@@ -106,6 +121,25 @@ def plot_reward_kl(runs: list[TrainingRun], path: Path) -> None:
     if with_judge:
         axes[2].set(title="independent judge (monitor)", xlabel="step")
     axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_gold_proxy(runs: list[TrainingRun], path: Path) -> None:
+    """Per probe of each RL run: the proxy (training reward) and the gold judge on the same held-out
+    prompts, on their own axes. Gold flat or falling while the proxy climbs is reward hacking."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        steps = [r["step"] for r in run.probes]
+        ax.plot(steps, [r["probe_proxy"] for r in run.probes], marker="o", color="tab:blue", label="proxy")
+        ax.set(title=f"{run.name}: held-out probe", xlabel="step")
+        ax.set_ylabel("proxy (training reward)", color="tab:blue")
+        if any("probe_gold" in r for r in run.probes):
+            gold = ax.twinx()
+            gold.plot(steps, [r.get("probe_gold") for r in run.probes], marker="s", color="tab:green", label="gold")
+            gold.set_ylabel("gold judge", color="tab:green")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -177,11 +211,18 @@ def build(reports, prompts: list[str], runs: list[TrainingRun], plots: list[tupl
     run_keys = list(dict.fromkeys(k for summary in summaries.values() for k in summary))
     shown = prompts[:samples]
     warnings = [(run.name, step, w) for run in runs for step, w in run.warnings]
+    rm = next((run for run in runs if run.recipe == "reward"), None)
+    rm_line = ("The reward model's held-out pair accuracy: "
+               + (f"{summaries[rm.name]['eval_accuracy_last']:.3f} (pairs on prompts it never trained on)."
+                  if rm is not None and "eval_accuracy_last" in summaries[rm.name]
+                  else "not measured (train it with data.eval or data.eval_fraction).")
+               if rm is not None else "")
 
     md = ["# alignkit evaluation report\n", f"{len(prompts)} held-out prompt(s) from `{meta.get('prompts')}`; "
           f"greedy decoding, at most {meta.get('max_new_tokens')} new tokens. "
           f"Reward: `{meta.get('reward') or 'none'}`. Independent judge: `{meta.get('judge') or 'none'}`. "
-          "Win rates are against the first model (ties count one half).\n", "## Models\n",
+          "Win rates are against the first model (ties count one half), with a bootstrap 95% interval. "
+          + rm_line + "\n", "## Models\n",
           "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     md += [f"| {k} | " + " | ".join(_fmt(r.metrics.get(k)) for r in reports) + " |" for k in keys]
     md += ["", "| model | spec |", "|---|---|"] + [f"| {r.name} | `{r.spec}` |" for r in reports]
@@ -190,8 +231,8 @@ def build(reports, prompts: list[str], runs: list[TrainingRun], plots: list[tupl
                "|---|" + "---|" * len(runs)]
         md += [f"| {k} | " + " | ".join(_fmt(summaries[run.name].get(k)) for run in runs) + " |" for k in run_keys]
     md += ["", "## Reward-hacking monitors\n"]
-    if not any(run.recipe == "ppo" for run in runs):
-        md.append("No PPO run among the models, so no monitor ran.")
+    if not any(run.recipe in ONLINE for run in runs):
+        md.append("No PPO or GRPO run among the models, so no monitor ran.")
     elif warnings:
         md += [f"- **{name}**, step {step}: {_md_cell(w)}" for name, step, w in warnings]
     else:
@@ -212,7 +253,8 @@ def build(reports, prompts: list[str], runs: list[TrainingRun], plots: list[tupl
          f"<p>{len(prompts)} held-out prompt(s) from <code>{e(str(meta.get('prompts')))}</code>; greedy decoding, "
          f"at most {e(str(meta.get('max_new_tokens')))} new tokens. Reward: <code>{e(str(meta.get('reward') or 'none'))}"
          f"</code>. Independent judge: <code>{e(str(meta.get('judge') or 'none'))}</code>. Win rates are against "
-         "the first model (ties count one half).</p><h2>Models</h2><table><tr><th>metric</th>"
+         f"the first model (ties count one half), with a bootstrap 95% interval. {e(rm_line)}</p>"
+         "<h2>Models</h2><table><tr><th>metric</th>"
          + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>"]
     h += ["<tr><td>" + e(k) + "</td>" + "".join(f"<td class='n'>{e(_fmt(r.metrics.get(k)))}</td>" for r in reports)
           + "</tr>" for k in keys]
@@ -223,8 +265,8 @@ def build(reports, prompts: list[str], runs: list[TrainingRun], plots: list[tupl
                      f"<td class='n'>{e(_fmt(summaries[run.name].get(k)))}</td>" for run in runs) + "</tr>"
                      for k in run_keys) + "</table>")
     h.append("<h2>Reward-hacking monitors</h2>")
-    if not any(run.recipe == "ppo" for run in runs):
-        h.append("<p>No PPO run among the models, so no monitor ran.</p>")
+    if not any(run.recipe in ONLINE for run in runs):
+        h.append("<p>No PPO or GRPO run among the models, so no monitor ran.</p>")
     elif warnings:
         h.append("<ul>" + "".join(f"<li class='warn'><b>{e(n)}</b>, step {s}: {e(w)}</li>"
                                   for n, s, w in warnings) + "</ul>")
@@ -252,7 +294,10 @@ def write_report(out_dir: Path, reports, prompts: list[str], models: dict[str, s
     """Write report.md, report.html, metrics.json and the plots into `out_dir` (replaced as a whole,
     so a failure leaves no half-written report)."""
     runs = [run for name, spec in models.items() if (run := find_run(name, spec)) is not None]
-    ppo_runs = [run for run in runs if run.recipe == "ppo" and run.steps]
+    if meta.get("reward") and (rm := find_run("reward model", meta["reward"])) is not None and rm.recipe == "reward":
+        runs.append(rm)
+    ppo_runs = [run for run in runs if run.recipe in ONLINE and run.steps]
+    probed = [run for run in runs if run.recipe in ONLINE and run.probes]
     dpo_runs = [run for run in runs if run.recipe == "dpo" and run.steps]
     with atomic_dir(out_dir) as tmp:
         plots = []
@@ -260,6 +305,9 @@ def write_report(out_dir: Path, reports, prompts: list[str], models: dict[str, s
             plot_reward_kl(ppo_runs, tmp / "reward_kl.png")
             plot_length(ppo_runs, tmp / "length.png")
             plots += [("reward_kl.png", "reward and KL per step"), ("length.png", "response length per step")]
+        if probed:
+            plot_gold_proxy(probed, tmp / "gold_proxy.png")
+            plots.append(("gold_proxy.png", "gold vs proxy on the held-out probe, per step"))
         if dpo_runs:
             plot_pairwise(dpo_runs, tmp / "dpo.png")
             plots.append(("dpo.png", "DPO loss and margin per step"))

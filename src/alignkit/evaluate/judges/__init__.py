@@ -9,6 +9,7 @@ module of this package, with its config schema beside it:
   classifier  a local Hugging Face text classifier: the softmax probability of one label, chosen by name
   llm         a language model asked a principle, read from its log-likelihoods: a 1..5 rating, or
               (pairwise) the probability that one completion is better than another
+  relevance   cosine similarity of prompt and completion under a sentence-embedding model (MiniLM)
   rubric      rule-based criteria (phrases present or absent, details of the prompt repeated, a
               length range), each passed or failed: the weighted share passed, 0..1
 
@@ -27,6 +28,7 @@ from alignkit.evaluate.judges.llm import (
     LLM_JUDGE_FILE, PRINCIPLES_FILE, PROMPTS_DIR, ChoicePrompt, LLMComponent, LLMPairwiseJudge, LLMRatingJudge,
     load_choice_prompt, option_logprobs, win_rates,
 )
+from alignkit.evaluate.judges.relevance import RelevanceComponent, RelevanceJudge
 from alignkit.evaluate.judges.reward import RewardComponent, RewardModelJudge
 from alignkit.evaluate.judges.rubric import Criterion, RubricComponent, RubricJudge
 from alignkit.evaluate.judges.sentiment import SentimentComponent, SentimentJudge
@@ -34,9 +36,10 @@ from alignkit.evaluate.judges.toxicity import ToxicityComponent, ToxicityJudge
 
 __all__ = [
     "Categories", "ChoicePrompt", "ClassifierComponent", "ClassifierJudge", "Component", "ComponentBase",
-    "ComponentConfig", "ComposedJudge", "Criterion", "Judge", "JudgeConfig", "LLMComponent", "LLMPairwiseJudge",
-    "LLMRatingJudge", "LLM_JUDGE_FILE", "PRINCIPLES_FILE", "PROMPTS_DIR", "RewardComponent", "RewardModelJudge",
-    "RubricComponent", "RubricJudge", "Scored", "SentimentComponent", "SentimentJudge", "ToxicityComponent",
-    "ToxicityJudge", "build_judge", "check_batch", "load_choice_prompt", "load_judge", "option_logprobs",
-    "pad_id", "right_pad", "win_rates",
+    "ComponentConfig", "ComposedJudge", "Criterion", "Judge", "JudgeConfig", "LLMComponent",
+    "LLMPairwiseJudge", "LLMRatingJudge", "LLM_JUDGE_FILE", "PRINCIPLES_FILE", "PROMPTS_DIR",
+    "RelevanceComponent", "RelevanceJudge", "RewardComponent", "RewardModelJudge", "RubricComponent",
+    "RubricJudge", "Scored", "SentimentComponent", "SentimentJudge", "ToxicityComponent", "ToxicityJudge",
+    "build_judge", "check_batch", "load_choice_prompt", "load_judge", "option_logprobs", "pad_id",
+    "right_pad", "win_rates",
 ]
