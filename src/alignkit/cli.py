@@ -42,6 +42,16 @@ app = typer.Typer(
          "`alignkit train RECIPE --help` lists every config key with its default.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]})
+
+
+@app.callback()
+def _start() -> None:
+    # Skips recorded before this command started (in an earlier one of this process) are not its own.
+    from alignkit.io import take_skipped
+
+    take_skipped()
+
+
 train_app = typer.Typer(help="Train a model: sft, reward, dpo, ppo, grpo.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and convert models.", no_args_is_help=True)
 prefs_app = typer.Typer(help="Preference data: sample candidates, validate, rankings -> pairs, AI judging.",

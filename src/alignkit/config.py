@@ -328,7 +328,10 @@ def load_config(cls: type[Strict], path: Path | None = None, overrides: list[str
         path = Path(path)
         where = str(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = e.object[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.start}); a YAML config is text") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
         try:

@@ -57,19 +57,26 @@ def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
 def scan_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
     """Read a JSONL file into (line number, object) pairs plus a problem for every bad line.
 
-    Blank lines are allowed. A file that cannot be read at all raises DataError.
+    Blank lines are allowed; a line that is not UTF-8 is a bad line like one that is not JSON. A file
+    that cannot be read at all, or holds binary data (NUL bytes), raises DataError.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(path, ["file not found"]) from None
-    except UnicodeDecodeError as e:
-        raise DataError(path, [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
     except OSError as e:
         raise DataError(path, [f"cannot read: {e.strerror}"]) from None
+    if b"\x00" in raw:
+        line = raw[:raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(path, [f"line {line}: binary data (NUL bytes), not JSON lines"])
     rows, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, data in enumerate(raw.splitlines(), start=1):
+        try:
+            line = data.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"line {lineno}: not UTF-8 text ({e.reason} at column {e.start + 1})")
+            continue
         if not line.strip():
             continue
         try:
@@ -142,6 +149,11 @@ def note_skipped(path: Path, problem: str) -> None:
     command can end with a non-zero exit code once everything usable has been used."""
     where = f"{path}:{problem.removeprefix('line ')}" if problem.startswith("line ") else f"{path}: {problem}"
     print(f"warning: {where} (skipped)", file=sys.stderr)
+    record_skipped(where)
+
+
+def record_skipped(where: str) -> None:
+    """Remember a skip that the command reports in its own words (no warning printed here)."""
     _skipped.append(where)
 
 

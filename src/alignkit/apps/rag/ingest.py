@@ -22,6 +22,7 @@ from alignkit.apps.rag.chunk import Chunk, ChunkConfig, TokenCounter, chunk_bloc
 from alignkit.apps.rag.embed import DEFAULT_MODEL_NAME, Embedder, load_embedder
 from alignkit.apps.rag.sources import DEFAULT_MAX_ROWS, Skipped, scan_source
 from alignkit.apps.rag.store import SqliteVecStore, StoredDocument
+from alignkit.io import record_skipped
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,11 @@ def ingest(
             _write(store, embedder, pending, report)
             pending = []
             report.skipped.extend(scan.skipped)  # complete only now that the documents were read
+            for skip in scan.skipped:
+                # Damage in a source the user meant to ingest makes the exit code 3; a folder's
+                # images and other files of no supported type are passed over without it.
+                if not skip.reason.startswith("unsupported file type"):
+                    record_skipped(f"{skip.source} {skip.location}".strip())
             if scan.complete:
                 gone = [d.source for d in store.documents(root=scan.root) if d.source not in seen]
                 if gone:
