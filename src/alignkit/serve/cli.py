@@ -35,6 +35,11 @@ def serve(
     Then:    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json'
              -d '{"model": "runs/ppo1/final", "messages": [{"role": "user", "content": "Hi"}]}'
     """
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Spinning, a 2-thread
+    # server's decode threads fight its own event loop and HTTP threads for the cores: on a busy
+    # 2-core machine, alternating runs of bench_serve.py --quick served 6.6 and 10.5 requests/s
+    # one at a time with PASSIVE, 1.2 and 1.6 with OMP_WAIT_POLICY=ACTIVE.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from alignkit.errors import AlignkitError
