@@ -161,8 +161,10 @@ def test_bad_input_is_named_and_nothing_half_written(command, kind, tmp_path, ti
                                                      monkeypatch):
     import uvicorn
 
-    # Test double: `label serve` must refuse the file before it serves; reaching the server is a failure.
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served a bad tasks file"))
+    # Test double for the server of `label serve`: it returns at once, as if stopped, so the command
+    # ends; it may be reached only with the good lines of a salvaged file.
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: served.append(True))
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs/ are relative to the repository
     suffix, inputs, args = commands(str(tiny_model_dir), str(reward_dir))[command]
     path = write(tmp_path / f"input{suffix}", inputs[kind])
@@ -178,6 +180,7 @@ def test_bad_input_is_named_and_nothing_half_written(command, kind, tmp_path, ti
     assert names_file_and_line(message, path, whole_file), message[:2000]
     assert len(message) < 20_000  # a huge line is named, not echoed
     outputs = [p for p in tmp_path.rglob("*") if p.name.startswith(("out", ".out")) and p.is_file()]
+    assert not served or result.exit_code == 3
     if result.exit_code == 3:  # salvaged: what was usable was used, the output is complete, the rest named
         assert kind == "truncated" or command.startswith("rag"), kind
         assert "skipped" in result.output

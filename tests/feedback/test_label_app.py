@@ -305,7 +305,10 @@ def test_resubmitting_replaces_the_label_and_next_skips_labeled_tasks(db, live):
     assert labels == {"capital": ("alice", "[2, 1, 1, 3]"), second["task"]["id"]: ("alice", '["F", "F", "F"]')}
 
 
-def test_bad_task_file_lines_are_reported_with_line_numbers(tmp_path):
+def test_bad_task_file_lines_are_named_and_skipped_and_the_rest_loaded(tmp_path, capsys):
+    from alignkit.io import take_skipped
+
+    take_skipped()
     lines = [
         TASKS[0],
         "{not json",
@@ -316,25 +319,31 @@ def test_bad_task_file_lines_are_reported_with_line_numbers(tmp_path):
         ["a", "list"],
         {"id": True, "prompt": "p", "completions": ["a", "b"]},
         {"id": "capital", "prompt": "Something else?", "completions": ["a", "b"]},
+        TASKS[1],
     ]
     db = tmp_path / "labels.sqlite"
-    with pytest.raises(DataError) as caught:
-        load_tasks(db, write_jsonl(tmp_path / "tasks.jsonl", lines))
-    # JSON errors are found first, all of them, before any record is checked.
-    assert caught.value.problems == ["line 2: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
-                                     "line 7: expected a JSON object, got list"]
+    assert load_tasks(db, write_jsonl(tmp_path / "tasks.jsonl", lines)) == 2
+    path = tmp_path / "tasks.jsonl"
+    assert capsys.readouterr().err.splitlines() == [f"warning: {path}:{p} (skipped)" for p in [
+        "2: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+        '3: "prompt" must be a non-empty string',
+        '4: "completions" has 1 item(s); ranking needs at least 2',
+        '6: "completions" must be a list of strings',
+        "7: expected a JSON object, got list",
+        '8: "id" must be a non-empty string or an integer when present',
+        "9: id 'capital' was already used on line 1 for a different prompt or completions"]]
+    assert len(take_skipped()) == 7  # the CLI exits 3
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert [r[0] for r in conn.execute("SELECT prompt FROM tasks ORDER BY seq")] == [TASKS[0]["prompt"],
+                                                                                      TASKS[1]["prompt"]]
 
-    del lines[6], lines[1]
+    # A file with no usable line at all is refused, every problem listed, before the database is touched.
     with pytest.raises(DataError) as caught:
-        load_tasks(db, write_jsonl(tmp_path / "tasks.jsonl", lines))
-    assert caught.value.problems == [
-        'line 2: "prompt" must be a non-empty string',
-        'line 3: "completions" has 1 item(s); ranking needs at least 2',
-        'line 5: "completions" must be a list of strings',
-        'line 6: "id" must be a non-empty string or an integer when present',
-        "line 7: id 'capital' was already used on line 1 for a different prompt or completions",
-    ]
-    assert not db.exists()  # the file is checked before the database is touched
+        load_tasks(tmp_path / "other.sqlite", write_jsonl(tmp_path / "bad.jsonl", lines[1:4]))
+    assert caught.value.problems == ["line 1: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+                                     'line 2: "prompt" must be a non-empty string',
+                                     'line 3: "completions" has 1 item(s); ranking needs at least 2']
+    assert not (tmp_path / "other.sqlite").exists()
 
 
 def test_loading_is_idempotent_and_ids_are_stable(db, tmp_path):
@@ -442,8 +451,9 @@ def test_serve_loads_the_tasks_and_serves_the_app_until_stopped(tmp_path):
 def test_importing_a_ranked_file_keeps_its_labels_per_labeler(tmp_path):
     """An exported file (or a judge's rankings) loads back with every labeler's ranks; a label the
     database already holds is kept; ranks that do not fit, or one labeler ranking a task two ways,
-    are named by line and nothing is loaded."""
+    are named by line and skipped."""
     from alignkit.feedback.label_store import load_rankings
+    from alignkit.io import take_skipped
 
     db = tmp_path / "labels.sqlite"
     capital = {k: TASKS[0][k] for k in ("id", "prompt", "completions")}
@@ -464,14 +474,17 @@ def test_importing_a_ranked_file_keeps_its_labels_per_labeler(tmp_path):
     older = [{**capital, "ranks": [2, 1, 1, 1], "labeler": "alice"}]
     assert load_rankings(db, write_jsonl(tmp_path / "older.jsonl", older)) == (0, 0)
     assert ("capital", "alice", '[1, 2, 2, "F"]') in stored_labels(db)
+    # Ranks that do not fit, ranks without a labeler, one labeler ranking a task two ways: each line
+    # is named and skipped, and the good label is kept.
     bad = [{**capital, "ranks": [1, 2], "labeler": "carol"}, {**capital, "ranks": [1, 2, 3, 4]},
            {**capital, "ranks": [1, 1, 1, 1], "labeler": "dan"}, {**capital, "ranks": [2, 2, 2, 2], "labeler": "dan"}]
-    with pytest.raises(DataError) as caught:
-        load_rankings(db, write_jsonl(tmp_path / "bad.jsonl", bad))
-    assert caught.value.problems == ["line 1: got 2 rank(s) for 4 completions; give one per completion",
-                                     'line 2: ranks without a "labeler": whose ranking is it?',
-                                     "line 4: dan already ranked this task differently on line 3"]
-    assert len(stored_labels(db)) == 3
+    take_skipped()
+    assert load_rankings(db, write_jsonl(tmp_path / "bad.jsonl", bad)) == (0, 1)
+    assert [w.split(":", 2)[1:] for w in take_skipped()] == [
+        ["1", " got 2 rank(s) for 4 completions; give one per completion"],
+        ["2", ' ranks without a "labeler": whose ranking is it?'],
+        ["4", " dan already ranked this task differently on line 3"]]
+    assert ("capital", "dan", "[1, 1, 1, 1]") in stored_labels(db) and len(stored_labels(db)) == 4
 
 
 def test_skip_passes_over_tasks_until_only_skipped_ones_are_left_and_back_shows_ranks(db, live):

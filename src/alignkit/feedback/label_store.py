@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.errors import AlignkitError, DataError
-from alignkit.io import atomic_write_text, read_jsonl
+from alignkit.io import atomic_write_text, note_skipped, scan_jsonl
 
 FAIL = "F"
 """The rank of a completion that fails the instructions outright, whatever the others are like."""
@@ -127,8 +127,8 @@ def task_problems(obj: dict) -> list[str]:
 def read_tasks(tasks_path: Path) -> list[tuple[int, Task]]:
     """Read and check a rankings file into (line number, task) pairs, one per distinct task.
 
-    Every bad line is reported, with its number, in one DataError. An exported file (one line per
-    label) reads back as its distinct tasks; read_rankings also returns the labels.
+    An exported file (one line per label) reads back as its distinct tasks; read_rankings, which
+    this calls, also returns the labels and says what happens to bad lines.
     """
     return read_rankings(tasks_path)[0]
 
@@ -145,11 +145,15 @@ class FileLabel:
 
 def read_rankings(tasks_path: Path) -> tuple[list[tuple[int, Task]], list[FileLabel]]:
     """The distinct tasks of a rankings file and the labels it holds: a line with non-empty "ranks"
-    and a "labeler" is that labeler's ranking of the task. Every bad line is reported in one DataError."""
-    problems: list[str] = []
+    and a "labeler" is that labeler's ranking of the task.
+
+    A bad line costs only itself: it is named on stderr and skipped (the command then exits 3). A
+    file with no usable line raises DataError listing every problem.
+    """
     tasks: dict[str, tuple[int, Task]] = {}
     labels: dict[tuple[str, str], FileLabel] = {}
-    for lineno, obj in read_jsonl(tasks_path):
+    rows, problems = scan_jsonl(tasks_path)
+    for lineno, obj in rows:
         errors = task_problems(obj)
         if errors:
             problems.extend(f"line {lineno}: {e}" for e in errors)
@@ -179,8 +183,10 @@ def read_rankings(tasks_path: Path) -> tuple[list[tuple[int, Task]], list[FileLa
             problems.append(f"line {lineno}: {labeler} already ranked this task differently on line {earlier.lineno}")
         else:
             labels.setdefault((task.id, labeler), FileLabel(lineno, task.id, labeler, ranks))
-    if problems:
+    if not tasks:
         raise DataError(tasks_path, problems)
+    for problem in sorted(problems, key=lambda p: int(p.split(":")[0].removeprefix("line "))):
+        note_skipped(Path(tasks_path), problem)
     return list(tasks.values()), list(labels.values())
 
 
@@ -193,9 +199,9 @@ def load_rankings(db_path: Path, tasks_path: Path) -> tuple[int, int]:
     """Add the tasks of a rankings file, and the labels it holds, to the database; return (new tasks,
     new labels).
 
-    Loading is all or nothing. A task already in the database is skipped when its prompt and
-    completions are the same, and an error otherwise: changing them would silently change what
-    existing labels rank. Labels are kept per labeler; a labeler named in the file but not yet in the
+    A bad line of the file is named and skipped (see read_rankings); then loading is all or nothing.
+    A task already in the database is skipped when its prompt and completions are the same, and an
+    error otherwise: changing them would silently change what existing labels rank. Labels are kept per labeler; a labeler named in the file but not yet in the
     database is added without a working token (`alignkit label add-labeler NAME --replace` issues
     one). A label the database already holds for that task and labeler is kept: it is the newer work.
     """
