@@ -220,7 +220,6 @@ class ResumableJsonl:
         self.done = saved["done"] if resumable else 0
         self.complete = bool(saved.get("complete")) if resumable else False
         self.state = saved.get("state", {}) if resumable else {}
-        self.dropped_bytes = size - saved["bytes"] if resumable else 0
         keep = saved["bytes"] if resumable else 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as f:

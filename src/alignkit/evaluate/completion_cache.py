@@ -8,6 +8,8 @@ whether it ended with EOS.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -24,8 +26,9 @@ class CompletionCache:
                  batch_size: int, restart: bool = False):
         self.prompts, self.batch_size, self.max_new_tokens = prompts, batch_size, max_new_tokens
         self.models = list(models)
-        fingerprint = {"command": "eval", "models": models, "prompts": prompts, "max_new_tokens": max_new_tokens,
-                       "batch_size": batch_size}
+        prompts_digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+        fingerprint = {"command": "eval", "models": models, "prompts": prompts_digest,
+                       "max_new_tokens": max_new_tokens, "batch_size": batch_size}
         self.writer = ResumableJsonl(path, fingerprint, restart=restart)
         self._records = self.writer.records()
 
