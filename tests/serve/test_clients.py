@@ -156,3 +156,27 @@ def test_alignkit_serve_command(tiny_model_dir, tmp_path):
         proc.wait(timeout=30)
     text = log.read_text()
     assert "POST /v1/chat/completions" in text and "sk-never-print-me" not in text
+
+
+def test_serves_packed_int4_and_gguf_exports(tiny, tmp_path, monkeypatch):
+    """--model takes a quantized directory or a .gguf as well: each served greedy completion equals the
+    same loaded model's greedy completion in process."""
+    import httpx
+
+    from alignkit.compress.quantize import quantize_model, save_quantized
+    from alignkit.export.to_gguf import export_gguf
+    from alignkit.models import generate, load_model
+
+    monkeypatch.setenv("ALIGNKIT_HOME", str(tmp_path / "home"))
+    model, tok = tiny
+    q4 = save_quantized(quantize_model(model, "int4-weight", 16), tok, tmp_path / "q4", {"method": "int4-weight"})
+    gguf = tmp_path / "tiny-q8.gguf"
+    export_gguf(str(tmp_path / "q4"), gguf, quant="q8_0", progress=False)
+    for spec in (str(q4), str(gguf)):
+        served, served_tok = load_model(spec, device="cpu")
+        want = generate(served, served_tok, ["Hello there"], max_new_tokens=6, chat=False).tokens[0]
+        with running(create_app(served, served_tok, served_name="m")) as url:
+            r = httpx.post(f"{url}/completions", json={"model": "m", "prompt": "Hello there", "max_tokens": 6,
+                                                       "temperature": 0}).json()
+        assert r["choices"][0]["text"] == served_tok.decode(want, skip_special_tokens=True)
+        assert r["usage"]["completion_tokens"] == len(want)
