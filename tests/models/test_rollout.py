@@ -147,9 +147,25 @@ def test_n_completions_are_prompt_major(tiny):
     one = RolloutEngine(model, tok).generate(PROMPTS[:1], max_new_tokens=1)
     assert out.prompt_ids[:3] == [one.prompt_ids[0]] * 3 and out.prompt_ids[3] != one.prompt_ids[0]
     assert len({tuple(t) for t in out.tokens[:3]}) > 1  # different seeds per row
-    rows = RolloutEngine(model, tok).generate([PROMPTS[0]] * 3 + [PROMPTS[1]] * 3, max_new_tokens=6,
-                                              temperature=1.0, seed=0)
-    assert rows.tokens == out.tokens  # n copies behave as repeated prompts with the same row seeds
+    # The n rows share one prefill; each equals the same prompt generated alone with that row's seed.
+    seeds = row_seeds(0, 6).tolist()
+    for r in (0, 2, 4):
+        alone = RolloutEngine(model, tok).generate([PROMPTS[r // 3]], max_new_tokens=6, temperature=1.0,
+                                                   seed=[seeds[r]])
+        assert alone.tokens[0] == out.tokens[r]
+
+
+def test_running_rows_are_unchanged_when_others_stop_and_leave_the_batch(tiny):
+    model, tok = tiny
+    engine = RolloutEngine(model, tok)
+    prompts, seeds = PROMPTS + ["Thanks"], [1, 2, 3, 4]
+    full = engine.generate(prompts, max_new_tokens=8, temperature=1.0, seed=seeds, return_logprobs=True)
+    cut = engine.generate(prompts, max_new_tokens=8, temperature=1.0, seed=seeds, return_logprobs=True,
+                          on_step=lambda step, tokens, finished: torch.tensor([step == 1, step == 1, False, False]))
+    assert cut.tokens[:2] == [full.tokens[0][:2], full.tokens[1][:2]]
+    assert cut.tokens[2:] == full.tokens[2:]  # computed after rows 0 and 1 left the cache
+    for a, b in zip(cut.logprobs, full.logprobs):
+        torch.testing.assert_close(a, b[:len(a)], atol=1e-5, rtol=1e-5)
 
 
 def test_on_step_stops_rows(tiny):

@@ -55,6 +55,7 @@ def merged_weight(layer) -> torch.Tensor:
     return weight
 
 
+@torch.inference_mode()
 def generation_copy(policy) -> torch.nn.Module:
     """A plain transformers model for generation: LoRA layers replaced by ordinary layers holding the
     merged weight (new tensors), trainable tensors cloned, frozen tensors and buffers shared."""
@@ -119,7 +120,7 @@ class RolloutEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
+    @torch.inference_mode()  # the copy may hold inference tensors (built inside inference mode)
     def sync(self, policy) -> None:
         """Copy the policy's current weights (base + LoRA merged) into the engine's generation copy."""
         base = plain_model(policy)
@@ -197,61 +198,90 @@ class RolloutEngine:
 
     def _decode(self, prompts: list[list[int]], seeds: torch.Tensor, max_new_tokens: int, temperature: float,
                 top_p: float, top_k: int, return_logprobs: bool, streamer, logits_processor, on_step):
-        """One batch: prefill the left-padded prompts into a static cache, then one token per step."""
+        """One batch: prefill each distinct prompt once into a static cache (rows repeating a prompt,
+        as with n > 1, copy its cache rows), then one token per step for the rows still running."""
         from transformers import StaticCache
 
         model, device = self.model, self.device
         B = len(prompts)
-        ids, mask = left_pad(prompts, self.pad_id, device)
+        # Consecutive rows with the same prompt share one prefill.
+        firsts = [i for i in range(B) if i == 0 or prompts[i] != prompts[i - 1]]
+        counts = torch.tensor([b - a for a, b in zip(firsts, firsts[1:] + [B])], device=device)
+        ids, mask = left_pad([prompts[i] for i in firsts], self.pad_id, device)
         P = ids.shape[1]
         total = P + max_new_tokens
-        seq = torch.full((B, total), self.pad_id, dtype=torch.long, device=device)  # prompt + new tokens
-        seq[:, :P] = ids
-        attn = torch.zeros((B, total), dtype=torch.long, device=device)
+        attn = torch.zeros((len(firsts), total), dtype=torch.long, device=device)
         attn[:, :P] = mask
-        next_pos = mask.sum(dim=1)  # each row's position of the next token
-        eos = torch.tensor(self.eos, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        ended_by_eos = torch.zeros(B, dtype=torch.bool, device=device)
-        lengths = torch.zeros(B, dtype=torch.long, device=device)
-        lp = torch.zeros((B, max_new_tokens), dtype=torch.float32)
-        scale = temperature if temperature > 0 else 1.0
         if streamer is not None:
             streamer.put(ids.cpu())
+        lp = torch.zeros((B, max_new_tokens), dtype=torch.float32)
         if max_new_tokens == 0:
             return [[] for _ in prompts], [False] * B, [lp[i, :0] for i in range(B)]
         cache = StaticCache(config=model.config, max_cache_len=total)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if len(firsts) < B:
+            expand = torch.repeat_interleave(torch.arange(len(firsts), device=device), counts)
+            logits, attn, mask = logits[expand], attn[expand], mask[expand]
+            select_cache_rows(cache, expand)
+        seq = torch.full((B, total), self.pad_id, dtype=torch.long, device=device)  # prompts + new tokens
+        seq[:, :P] = ids if len(firsts) == B else ids[expand]
+        next_pos = mask.sum(dim=1)  # each row's position of its first new token
+        eos = torch.tensor(self.eos, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        ended_by_eos = torch.zeros(B, dtype=torch.bool, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+        rows = torch.arange(B, device=device)  # the batch rows held in the cache, in cache order
+        scale = temperature if temperature > 0 else 1.0
         for step in range(max_new_tokens):
             raw = logits.float()
-            scores = logits_processor(seq[:, :P + step], raw.clone()) if logits_processor is not None else raw
-            tok = sample(scores, uniforms(seeds, step).to(device), temperature, top_k, top_p)
-            tok = torch.where(done, self.pad_id, tok)
+            if logits_processor is not None:  # it sees every row of the batch, rows that are done included
+                full = raw.new_zeros((B, raw.shape[1]))
+                full[rows] = raw
+                scores = logits_processor(seq[:, :P + step], full)[rows]
+            else:
+                scores = raw
+            tok = sample(scores, uniforms(seeds[rows.cpu()], step).to(device), temperature, top_k, top_p)
+            tok = torch.where(done[rows], self.pad_id, tok)
             if return_logprobs:
-                lp[:, step] = torch.log_softmax(raw / scale, dim=-1).gather(1, tok[:, None]).squeeze(1).cpu()
-            seq[:, P + step] = tok
-            lengths += (~done).long()
-            hit_eos = torch.isin(tok, eos) & ~done
+                lp[rows.cpu(), step] = torch.log_softmax(raw / scale, dim=-1).gather(1, tok[:, None]).squeeze(1).cpu()
+            seq[rows, P + step] = tok
+            lengths[rows] += (~done[rows]).long()
+            hit_eos = torch.zeros_like(done)
+            hit_eos[rows] = torch.isin(tok, eos) & ~done[rows]
             ended_by_eos |= hit_eos
             done |= hit_eos
             if streamer is not None:
                 streamer.put(tok.cpu())
             if on_step is not None:
-                stop = on_step(step, tok, done.clone())
+                stop = on_step(step, seq[:, P + step].clone(), done.clone())
                 if stop is not None:
                     done |= stop.to(device=device, dtype=torch.bool)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
+            running = ~done[rows]
+            if (~running).sum() * 4 >= len(rows):  # a quarter of the cache rows are done: drop them
+                keep = running.nonzero().squeeze(1)
+                rows, tok, attn, next_pos = rows[keep], tok[keep], attn[keep], next_pos[keep]
+                select_cache_rows(cache, keep)
             attn[:, P + step] = 1
-            logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=(next_pos + step)[:, None],
-                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            # The decode step's mask, built here rather than by transformers at every step: (rows, 1, 1, total).
+            logits = model(input_ids=tok[:, None], attention_mask=attn.bool()[:, None, None, :],
+                           position_ids=(next_pos + step)[:, None], past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits[:, -1]
         if streamer is not None:
             streamer.end()
         new = seq[:, P:].cpu()
         lengths, ended = lengths.tolist(), ended_by_eos.tolist()
         return ([new[i, :lengths[i]].tolist() for i in range(B)], ended,
                 [lp[i, :lengths[i]].clone() for i in range(B)])
+
+
+def select_cache_rows(cache, index: torch.Tensor) -> None:
+    """Keep (or repeat) the batch rows `index` of every layer of a static cache."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        layer.batch_size = len(index)
 
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
