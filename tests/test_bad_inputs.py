@@ -66,7 +66,8 @@ def yaml_inputs(truncated: str, wrong_type: str) -> dict[str, bytes]:
 
 def python_inputs() -> dict[str, bytes]:
     return {
-        "truncated": b"from alignkit.apps.agents.tools import tool\n\n@tool\ndef add(a: int, b: int) -> int:\n    \"\"\"Add",
+        "truncated": (b"from alignkit.apps.agents.tools import tool\n\n@tool\n"
+                      b"def add(a: int, b: int) -> int:\n    \"\"\"Add"),
         "empty": b"",
         "binary": BINARY,
         "wrong_type": b'{"tools": ["calculator"]}\n',

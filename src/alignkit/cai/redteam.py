@@ -90,8 +90,8 @@ def redteam_batches(items: list[dict], model, tokenizer, *, start: int = 0, max_
                     temperature: float = 0.0, seed: int = 0, batch_size: int = 8, toxicity_threshold: float = 0.5,
                     judge=None, judge_threshold: float | None = None) -> Iterator[tuple[int, list[dict]]]:
     """Respond to the prompts from `start` on, batch by batch, yielding (prompts done, the batch's
-    flagged records). Each batch samples with a seed derived from `seed` and its position, so a run
-    resumed at a batch boundary gives what an uninterrupted one does."""
+    flagged records). Each response samples with a seed derived from `seed` and its prompt's index,
+    so a run resumed at a batch boundary gives what an uninterrupted one does."""
     from alignkit.models import generate
 
     starts = range(start, len(items), batch_size)
@@ -100,7 +100,7 @@ def redteam_batches(items: list[dict], model, tokenizer, *, start: int = 0, max_
         batch = items[first:first + batch_size]
         prompts = [it["prompt"] for it in batch]
         responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                             seed=batch_seed(seed, first)).texts
+                             seed=[batch_seed(seed, first + i) for i in range(len(batch))]).texts
         flags = flag(prompts, responses, toxicity_threshold=toxicity_threshold, judge=judge,
                      judge_threshold=judge_threshold)
         yield first + len(batch), [{**it, "response": r, **f} for it, r, f in zip(batch, responses, flags)]

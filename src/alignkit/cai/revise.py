@@ -102,7 +102,7 @@ def revise_batches(prompts: Sequence[str], responses: Sequence[str | None], prin
         missing = [i for i, r in enumerate(batch_responses) if r is None]
         if missing:
             texts = generate(model, tokenizer, [batch_prompts[i] for i in missing], max_new_tokens=max_new_tokens,
-                             temperature=temperature, seed=own_seed).texts
+                             temperature=temperature, seed=[batch_seed(seed, first + i) for i in missing]).texts
             for i, text in zip(missing, texts):
                 batch_responses[i] = text
         chat = model_chat(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, seed=own_seed,

@@ -3,9 +3,10 @@ killed run continues where it stopped.
 
     alignkit prefs sample --prompts prompts.txt --n 4 --out candidates.jsonl
 
-Every batch holds whole prompts (all n completions of a prompt sit in one batch) and samples with a
-seed derived from the base seed and the batch's first prompt, so the file a resumed run finishes is
-byte for byte the file an uninterrupted run writes.
+Every batch holds whole prompts (all n completions of a prompt sit in one batch), and every
+completion samples with its own seed, derived from the base seed and its position in the file (the
+rollout engine draws a row's tokens from its seed alone), so the file a resumed run finishes is byte
+for byte the file an uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def sample_candidates(prompts_path: Path, out: Path, *, model: str = "embedded",
                           total=-(-len(items) // per_batch)):
             batch = items[start:start + per_batch]
             texts = generate(m, tok, [p for p in batch for _ in range(n)], max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, seed=batch_seed(seed, start)).texts
+                             temperature=temperature, top_p=top_p,
+                             seed=[batch_seed(seed, row) for row in range(start * n, (start + len(batch)) * n)]).texts
             records = []
             for i, p in enumerate(batch):
                 comps = [c for c in texts[i * n:(i + 1) * n] if c.strip()]

@@ -201,9 +201,11 @@ def load_rankings(db_path: Path, tasks_path: Path) -> tuple[int, int]:
 
     A bad line of the file is named and skipped (see read_rankings); then loading is all or nothing.
     A task already in the database is skipped when its prompt and completions are the same, and an
-    error otherwise: changing them would silently change what existing labels rank. Labels are kept per labeler; a labeler named in the file but not yet in the
-    database is added without a working token (`alignkit label add-labeler NAME --replace` issues
-    one). A label the database already holds for that task and labeler is kept: it is the newer work.
+    error otherwise: changing them would silently change what existing labels rank.
+
+    Labels are kept per labeler; a labeler named in the file but not yet in the database is added
+    without a working token (`alignkit label add-labeler NAME --replace` issues one). A label the
+    database already holds for that task and labeler is kept: it is the newer work.
     """
     tasks, labels = read_rankings(tasks_path)
     init_db(db_path)

@@ -489,7 +489,8 @@ def _csv_blocks(text: str, name: str, source: str, skipped: list[Skipped], max_r
                                                f"got {len(row)}", f"line {last_line}"))
                 continue
             if len(blocks) + 1 > max_rows:
-                skipped.append(Skipped(source, f"row limit {max_rows} reached; later rows not read", f"line {last_line}"))
+                skipped.append(Skipped(source, f"row limit {max_rows} reached; later rows not read",
+                                       f"line {last_line}"))
                 return blocks
             blocks.append(Block(row_text(header, row), (name,), last_line, record=True))
         if resume_after is None:
