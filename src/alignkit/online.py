@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import MonitorSettings, ProbeSettings
+from alignkit.config import ProbeSettings
 from alignkit.evaluate import monitors
 from alignkit.evaluate.monitors import distinct_n
 from alignkit.evaluate.rewards import load_reward
@@ -169,23 +169,83 @@ def batch_stats(accelerator, rollout: Rollout, raw_scores: torch.Tensor, scores:
               "response_length": accelerator.gather(rollout.lengths).float().mean().item(),
               "eos_rate": accelerator.gather(torch.tensor(gen.finished, dtype=torch.float32, device=device)).mean().item(),
               "distinct_2": round(distinct_n(texts), 4),
-              "sampler_logprob_gap": round((gap[0] / gap[1].clamp(min=1)).item(), 6)}
+              "sampler_logprob_gap": float(f"{(gap[0] / gap[1].clamp(min=1)).item():.4g}")}  # often ~1e-7
     if scorers.judge is not None:
         judged = torch.tensor(scorers.judge(prompts, gen.texts), dtype=torch.float32, device=device)
         record["judge"] = round(accelerator.gather(judged).mean().item(), 6)
     return record
 
 
-def watch(history: list[dict], record: dict, settings: MonitorSettings, name: str, write) -> list[str]:
-    """Append the record to the history, run the reward-hacking monitors on it and note any warnings
-    in the record and through `write` (e.g. tqdm.write on the main process)."""
-    history.append(record)
-    warnings = monitors.check(history, settings)
-    if warnings:
-        record["warnings"] = warnings
-        for w in warnings:
-            write(f"{name}: WARNING step {record['step']}: {w}")
-    return warnings
+class StepLog:
+    """How every online RL step ends: the monitors, the stop decisions (reward threshold, a monitor
+    with stop_on_warning), the probe, the phase timings, the metrics line, the progress bar and the
+    checkpoint. The checkpoint written after a step is timed and logged with the next step
+    (time_checkpoint_s), as its record is already written: a kill between the two then loses nothing."""
+
+    def __init__(self, name: str, cfg, run_dir: Path, start_step: int, total_steps: int, accelerator, probe: Probe,
+                 scorers: Scorers, engine, policy):
+        from tqdm.auto import tqdm
+
+        from alignkit.io import JsonlLog
+
+        self.name, self.cfg, self.accelerator, self.total_steps = name, cfg, accelerator, total_steps
+        self.probe, self.scorers, self.engine, self.policy = probe, scorers, engine, policy
+        self.main = accelerator.is_main_process
+        self.metrics = JsonlLog(run_dir / METRICS_FILE) if self.main else None
+        self.history = load_history(run_dir, start_step)  # monitors compare against the whole run
+        if start_step == 0 and probe.due(0, False):
+            self.write({"step": 0, **self.run_probe()})
+        self.write_warning = tqdm.write if self.main else (lambda _: None)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", disable=not self.main)
+        self.t0, self.checkpoint_s = time.time(), 0.0
+
+    def run_probe(self) -> dict:
+        self.policy.eval()
+        return self.probe.run(self.engine, self.policy, self.scorers, self.accelerator)
+
+    def write(self, record: dict) -> None:
+        if self.main:
+            self.metrics.write(record)
+
+    def end_step(self, record: dict, timer: PhaseTimer, save) -> bool:
+        """Finish the step's record and log it; `save(step)` writes a checkpoint. True: stop the run."""
+        cfg, done = self.cfg, record["step"]
+        self.history.append(record)
+        warnings = monitors.check(self.history, cfg.monitors)
+        if warnings:
+            record["warnings"] = warnings
+            for w in warnings:
+                self.write_warning(f"{self.name}: WARNING step {done}: {w}")
+        threshold_hit = cfg.reward_threshold is not None and record["score"] >= cfg.reward_threshold
+        monitor_stop = bool(warnings) and cfg.monitors.stop_on_warning
+        last = done == self.total_steps or threshold_hit or monitor_stop
+        if self.probe.due(done, last):
+            with timer("probe"):
+                record.update(self.run_probe())
+        record.update({**timer.record(), "time_checkpoint_s": round(self.checkpoint_s, 4),
+                       "elapsed_s": round(time.time() - self.t0, 3)})
+        self.write(record)
+        self.bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+        self.bar.update(1)
+        self.checkpoint_s = 0.0
+        if done % cfg.save_every == 0 or last:
+            started = time.perf_counter()
+            save(done)
+            self.checkpoint_s = time.perf_counter() - started
+        if (threshold_hit or monitor_stop) and self.main:
+            why = (f"mean score {record['score']:.4f} reached reward_threshold {cfg.reward_threshold}"
+                   if threshold_hit else "a monitor warned and monitors.stop_on_warning is set")
+            print(f"{self.name}: {why} at step {done}; stopping", flush=True)
+        self.stopped_early = threshold_hit or monitor_stop
+        return self.stopped_early
+
+    def close(self, saved_to: Path | None) -> None:
+        self.bar.close()
+        if self.main:
+            self.metrics.close()
+            print(f"{self.name}: done in {time.time() - self.t0:.1f}s"
+                  f"{' (early stop)' if getattr(self, 'stopped_early', False) else ''} | policy saved to {saved_to}",
+                  flush=True)
 
 
 def make_engine(model, tokenizer):

@@ -42,11 +42,21 @@ def config(tmp_path, model_dir, reward, name, **over):
 
 
 def test_ppo_run_trains_adapter_and_value_head_only(tmp_path, tiny_model_dir, reward_dir):
-    run_dir = ppo.main(config(tmp_path, tiny_model_dir, reward_dir, "smoke"))
+    """Also: the rollout engine's log-probs agree with the trainer's, every step logs the seconds of
+    each phase, and a held-out probe runs before training, every probe.every steps and at the end."""
+    probe = tmp_path / "heldout.txt"
+    probe.write_text("Is this jacket warm?\nMy order never came\n")
+    run_dir = ppo.main(config(tmp_path, tiny_model_dir, reward_dir, "smoke",
+                              probe={"prompts": str(probe), "every": 3, "n": 2}))
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for key in ("score", "kl", "kl_coef", "response_length", "distinct_2", "pg_loss", "vf_loss", "clipfrac"):
-        assert all(key in r for r in records)
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in records if "probe_proxy" in r] == [0, 3, 4]
+    records = records[1:]
+    for key in ("score", "kl", "kl_coef", "response_length", "distinct_2", "pg_loss", "vf_loss", "clipfrac",
+                "sampler_logprob_gap", "time_generate_s", "time_score_s", "time_reference_s", "time_update_s",
+                "time_old_logprobs_s", "time_checkpoint_s"):
+        assert all(key in r for r in records), key
+    assert all(r["sampler_logprob_gap"] < 1e-3 for r in records)
     assert records[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 1 samples from the reference itself
     assert records[-1]["kl"] != 0.0
     assert records[-1]["kl_coef"] != records[0]["kl_coef"]  # the adaptive controller moved
@@ -73,7 +83,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, tiny_model_dir, reward_d
     lines = (full / "metrics.jsonl").read_text().splitlines()
     (cut / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # logged step 3, then died
     ppo.main(load_config(PPOConfig, cut / "config.yaml"), resume=cut)
-    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"} for l in ls]
+    strip = lambda ls: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")} for l in ls]
     assert strip((cut / "metrics.jsonl").read_text().splitlines()) == strip(lines)
     a = load_file(full / "checkpoints" / "step-000004" / "trainable.safetensors")
     b = load_file(cut / "checkpoints" / "step-000004" / "trainable.safetensors")
@@ -87,6 +97,7 @@ def test_monitors_log_an_independent_judge_and_can_stop_the_run(tmp_path, tiny_m
     judge = tmp_path / "judge.yaml"
     judge.write_text("components:\n  - {name: tox, judge: toxicity, weight: -1.0}\n")
     run_dir = ppo.main(config(tmp_path, tiny_model_dir, reward_dir, "mon",
+                              kl_estimator="k3",  # k3 >= 0: positive once the policy moved (k1 may be < 0)
                               monitors={"judge": str(judge), "max_kl": 1e-9, "stop_on_warning": True}))
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(-1.0 <= r["judge"] <= 0.0 for r in records)
@@ -100,33 +111,19 @@ VOWEL_REWARD = '''def vowel_share(prompts, completions):
 '''
 
 
-@pytest.fixture(scope="module")
-def peaky_model_dir(tmp_path_factory, tiny_model_dir):
-    """The tiny model with its (tied) embeddings scaled up 4x. At the default init its logits all lie
-    within about +-0.6 of each other, so no adapter could move its output distribution far enough for
-    a reward to show; scaled up, sampling is still diverse but learnable."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(4.0)
-    out = tmp_path_factory.mktemp("peaky") / "model"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("sign", [1, -1])
 def test_ppo_moves_a_synthetic_reward_the_right_way(tmp_path, peaky_model_dir, sign):
     """Reward = the share of vowels in the response (a Python reward function), or minus that. Over
     40 steps the mean score of the last 10 must beat the first 10 clearly, in both directions: a flipped
     update sign would make one of the two cases fall. Measured when written: vowel share 0.093 -> 0.144
-    (sign +1) and 0.088 -> 0.065 (sign -1), KL per response staying under 6 nats."""
+    (sign +1) and 0.088 -> 0.065 (sign -1), KL per response staying under 6 nats. On the rollout
+    engine (other random draws) 2 PPO epochs passed for 1 seed of 3 (seed 0: 0.107 -> 0.099); with
+    4 epochs seed 0 gives 0.095 -> 0.119 and seed 2 0.100 -> 0.110: this test is sensitive to its seed."""
     fn = tmp_path / "vowels.py"
     fn.write_text(VOWEL_REWARD + f"\n\ndef reward(prompts, completions):\n"
                                  f"    return [{sign} * s for s in vowel_share(prompts, completions)]\n")
     cfg = config(tmp_path, peaky_model_dir, f"{fn}:reward", "synthetic", max_steps=40, save_every=100,
-                 rollout_batch=8, minibatch_size=4, max_new_tokens=12, learning_rate=1e-2, kl_target=None,
+                 rollout_batch=8, minibatch_size=4, ppo_epochs=4, max_new_tokens=12, learning_rate=1e-2, kl_target=None,
                  kl_coef=0.02, normalize_reward=True,
                  lora={"r": 8, "alpha": 16, "dropout": 0.0,
                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
@@ -138,38 +135,15 @@ def test_ppo_moves_a_synthetic_reward_the_right_way(tmp_path, peaky_model_dir, s
     assert max(r["kl"] for r in records) < 10.0  # the KL penalty keeps the policy near the reference
 
 
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model_dir, reward_dir):
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model_dir, reward_dir, kill_and_resume):
     """Kill a PPO process (SIGKILL, no clean-up) once its step-2 checkpoint exists, resume it, and
     compare with a run that was never interrupted: the same metrics and the same final weights."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    cmd = [sys.executable, "-m", "alignkit.cli", "train", "ppo"]
     full_cfg = config(tmp_path, tiny_model_dir, reward_dir, "full", max_steps=5, save_every=2)
     killed_cfg = config(tmp_path, tiny_model_dir, reward_dir, "killed", max_steps=5, save_every=2)
-    assert subprocess.run(cmd + ["--config", str(tmp_path / "full.yaml")], env=env, capture_output=True,
-                          timeout=300).returncode == 0
-    proc = subprocess.Popen(cmd + ["--config", str(tmp_path / "killed.yaml")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "runs" / "killed" / "checkpoints" / "step-000002" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL and ckpt.exists()  # killed mid-run, not after finishing
-    resumed = subprocess.run(cmd + ["--resume", str(tmp_path / "runs" / "killed")], env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming at step" in resumed.stdout
-    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"}
-                       for l in (p / "metrics.jsonl").read_text().splitlines()]
     full, killed = full_cfg.output_dir / "full", killed_cfg.output_dir / "killed"
+    kill_and_resume("ppo", tmp_path / "full.yaml", tmp_path / "killed.yaml", killed)
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
+                       for l in (p / "metrics.jsonl").read_text().splitlines()]
     assert strip(killed) == strip(full) and len(strip(full)) == 5
     a = load_file(full / "final" / "adapter_model.safetensors")
     b = load_file(killed / "final" / "adapter_model.safetensors")
@@ -203,12 +177,14 @@ def test_reusing_the_rollout_forward_pass_changes_nothing(tmp_path, tiny_model_d
         monkeypatch.setattr(ppo, "REUSE_ROLLOUT_FORWARD", reuse)
         runs[reuse] = ppo.main(config(tmp_path, tiny_model_dir, reward_dir, f"reuse-{reuse}", ppo_epochs=1,
                                       minibatch_size=4, max_steps=3, save_every=3))
-    strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"}
+    strip = lambda d: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
                        for l in (d / "metrics.jsonl").read_text().splitlines()]
     fused, plain = strip(runs[True]), strip(runs[False])
     assert fused[-1]["kl"] != 0.0 and fused[0]["clipfrac"] == 0.0  # it trained; ratio 1 on the single update
-    for a, b in zip(fused, plain):
-        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
+    for a, b in zip(fused, plain):  # records round to 6 decimals: one unit in the last place may differ
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=2e-6), (a["step"], k, a[k], b[k])
     wa = load_file(runs[True] / "final" / "adapter_model.safetensors")
     wb = load_file(runs[False] / "final" / "adapter_model.safetensors")
     for k in wa:

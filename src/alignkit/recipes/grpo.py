@@ -25,23 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
+import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from alignkit.config import GRPOConfig
 from alignkit.data.batching import global_batch
 from alignkit.data.prompts import load_prompts
 from alignkit.errors import AlignkitError
-from alignkit.io import JsonlLog
 from alignkit.losses.grpo import aggregate, clipped_token_loss, group_advantages
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
 from alignkit.models import save_model
-from alignkit.online import (PhaseTimer, Probe, Scorers, batch_stats, load_history, make_engine, row_seeds, sample,
-                             sampler_gap, tail_logprobs, watch)
-from alignkit.runs import METRICS_FILE
+from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, make_engine, row_seeds, sample,
+                             sampler_gap, tail_logprobs)
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
 
@@ -93,11 +90,8 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
               else FixedKLController(cfg.kl_coef))
     start_step = resume_state(run_dir, resume, model, optimizer, scheduler, accelerator)
     if start_step:
-        import json
-
         state = json.loads((run_dir / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").read_text())
         kl_ctl.load_state_dict(state["kl_controller"])
-    metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
     if main_proc:
         tuned = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full fine-tuning"
         print(f"grpo: policy {cfg.model} ({tuned}) | advantage {cfg.advantage} | reward: {scorers.reward_name} | "
@@ -107,17 +101,12 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
     kl_fn = kl_k1 if cfg.kl_estimator == "k1" else kl_k3
     clip_high = cfg.clip_high or cfg.clip
     share = minibatch // world
-    history = load_history(run_dir, start_step)
-    if start_step == 0 and probe.due(0, False):
-        policy.eval()
-        before = {"step": 0, **probe.run(engine, policy, scorers, accelerator)}
-        if main_proc:
-            metrics.write(before)
+    log = StepLog("grpo", cfg, run_dir, start_step, total_steps, accelerator, probe, scorers, engine, policy)
 
-    t0 = time.time()
-    checkpoint_s = 0.0  # the checkpoint written after the previous step, logged with this one
-    bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step", disable=not main_proc)
-    stopped_early = False
+    def save(step: int) -> None:
+        checkpoint(run_dir, step, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
+                   extra_state={"kl_controller": kl_ctl.state_dict()})
+
     for step in range(start_step, total_steps):
         timer = PhaseTimer()
         # ---- 1. sample ---------------------------------------------------------------------------
@@ -195,7 +184,7 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
             sums = accelerator.reduce(sums, reduction="sum")
         n_updates = cfg.num_iterations * (n_rows // minibatch)
 
-        # ---- log, probe and checkpoint -----------------------------------------------------------
+        # ---- log, probe, checkpoint --------------------------------------------------------------
         done = step + 1
         record = {"step": done, **batch_stats(accelerator, ro, raw_scores, scores, kl, row_prompts, scorers,
                                               sampler_gap(ro.gen, old_logp)),
@@ -204,41 +193,11 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
                   "flat_group_share": round(flat_groups / cfg.rollout_batch, 6),
                   "advantage_abs_mean": round(accelerator.gather(advantages.abs()).mean().item(), 6)}
         kl_ctl.update(record["kl"], n_rows)
-        warnings = watch(history, record, cfg.monitors, "grpo", tqdm.write if main_proc else lambda _: None)
-        threshold_hit = cfg.reward_threshold is not None and record["score"] >= cfg.reward_threshold
-        monitor_stop = bool(warnings) and cfg.monitors.stop_on_warning
-        last = done == total_steps or threshold_hit or monitor_stop
-        if probe.due(done, last):
-            with timer("probe"):
-                policy.eval()
-                record.update(probe.run(engine, policy, scorers, accelerator))
-        record.update({**timer.record(), "time_checkpoint_s": round(checkpoint_s, 4),
-                       "elapsed_s": round(time.time() - t0, 3)})
-        if main_proc:
-            metrics.write(record)
-        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
-        bar.update(1)
-        checkpoint_s = 0.0
-        if done % cfg.save_every == 0 or last:
-            started = time.perf_counter()
-            checkpoint(run_dir, done, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
-                       extra_state={"kl_controller": kl_ctl.state_dict()})
-            checkpoint_s = time.perf_counter() - started
-        if threshold_hit or monitor_stop:
-            why = (f"mean score {record['score']:.4f} reached reward_threshold {cfg.reward_threshold}"
-                   if threshold_hit else "a monitor warned and monitors.stop_on_warning is set")
-            if main_proc:
-                print(f"grpo: {why} at step {done}; stopping", flush=True)
-            stopped_early = True
+        if log.end_step(record, timer, save):
             break
-    bar.close()
 
     # ---- save ------------------------------------------------------------------------------------
-    if main_proc:
-        final = save_model(policy, tokenizer, run_dir / "final")
-        metrics.close()
-        print(f"grpo: done in {time.time() - t0:.1f}s{' (early stop)' if stopped_early else ''} | "
-              f"policy saved to {final}", flush=True)
+    log.close(save_model(policy, tokenizer, run_dir / "final") if main_proc else None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir

@@ -12,6 +12,11 @@ The value head shares the policy's backbone and adapter. Everything random is se
 so a run resumed from a checkpoint (adapter, value head, optimizer, KL controller, RNG, step)
 repeats the uninterrupted one.
 
+Rollouts come from the rollout engine, synced to the policy before each step's sampling, each row
+seeded by (seed, step, row); the old log-probs are the trainer's own (the sampler's gap to them is
+logged as sampler_logprob_gap). Every record holds the seconds of each phase (time_*_s), and an
+optional held-out probe (probe_proxy, probe_gold) every probe.every steps.
+
 Under `accelerate launch --multi_gpu --num_processes N` (or torchrun) each process samples
 rollout_batch / N of the step's prompts; scores are normalised and advantages whitened over all
 processes together, gradients are averaged by DDP, and the logged metrics cover the whole batch.
@@ -20,28 +25,20 @@ processes together, gradients are averaged by DDP, and the logged metrics cover 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
-from accelerate.utils import gather_object
 
 from alignkit.config import PPOConfig
 from alignkit.data.batching import global_batch
 from alignkit.data.prompts import load_prompts
 from alignkit.errors import AlignkitError
-from alignkit.evaluate import monitors
-from alignkit.evaluate.rewards import load_reward
-from alignkit.evaluate.monitors import distinct_n
-from alignkit.io import JsonlLog
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
 from alignkit.losses.ppo import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
-from alignkit.models import generate, save_model
-from alignkit.models.generation import left_pad, tail_mask
+from alignkit.models import save_model
 from alignkit.models.heads import scalar_head
-from alignkit.runs import METRICS_FILE
+from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, make_engine, row_seeds, sample,
+                             sampler_gap, tail_logprobs)
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
 
@@ -54,19 +51,10 @@ class PolicyWithValue(torch.nn.Module):
         self.policy, self.value_head = policy, value_head
 
     def forward(self, ids, mask, temperature: float, keep: int):
-        """Log-probs (at the sampling temperature) and values for the last `keep` tokens, each (B, keep).
-
-        Sequences are left-padded, so every response ends in the last column and the last `keep`
-        columns hold them all: the LM head and the softmax run on those positions only (the prompt's
-        logits would be thrown away, and at a 49k vocabulary they dominate the memory)."""
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
-                          logits_to_keep=keep + 1)
-        logits = out.logits[:, :-1].float() / temperature  # (B, keep, V): position t predicts token t + 1
-        targets = ids[:, -keep:, None]
-        logp = (logits.gather(2, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(2)
-        values = self.value_head(out.hidden_states[-1][:, -keep - 1:-1].float()).squeeze(-1)
-        return logp, values
+        """Log-probs (at the sampling temperature) and values for the last `keep` tokens, each (B, keep):
+        left-padded sequences, so the last `keep` columns hold every response."""
+        logp, hidden = tail_logprobs(self.policy, ids, mask, temperature, keep, hidden=True)
+        return logp, self.value_head(hidden.float()).squeeze(-1)
 
 
 # With ppo_epochs 1 and one minibatch per step, reuse the rollout's forward pass for the update.
@@ -93,12 +81,9 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     prompts = load_prompts(cfg.data.prompts)
     if len(prompts) < cfg.rollout_batch:
         raise AlignkitError(f"{cfg.data.prompts}: {len(prompts)} prompts, fewer than rollout_batch {cfg.rollout_batch}")
-    score_fn, reward_name = load_reward(cfg.reward, device)
-    judge = None
-    if cfg.monitors.judge is not None:
-        from alignkit.evaluate.judges import load_judge
-
-        judge = load_judge(cfg.monitors.judge)
+    scorers = Scorers(cfg.reward, cfg.monitors.judge, device)
+    probe = Probe(cfg.probe, cfg.max_new_tokens, rank, world)
+    engine = make_engine(policy, tokenizer)
     total_steps = cfg.max_steps or 100
     steps_per_epoch = len(prompts) // cfg.rollout_batch
 
@@ -113,47 +98,45 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     if start_step:
         state = json.loads((run_dir / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").read_text())
         kl_ctl.load_state_dict(state["kl_controller"])
-    metrics = JsonlLog(run_dir / METRICS_FILE) if main_proc else None
     if main_proc:
-        print(f"ppo: policy {cfg.model} (LoRA r={cfg.lora.r}) | reward: {reward_name} | {len(prompts)} prompts, "
+        print(f"ppo: policy {cfg.model} (LoRA r={cfg.lora.r}) | reward: {scorers.reward_name} | {len(prompts)} prompts, "
               f"{cfg.rollout_batch} per step ({world} process(es)) | {total_steps} steps | run dir {run_dir}"
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
     all_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
     kl_fn = kl_k1 if cfg.kl_estimator == "k1" else kl_k3
-    eos = tokenizer.eos_token_id
+    log = StepLog("ppo", cfg, run_dir, start_step, total_steps, accelerator, probe, scorers, engine, policy)
 
-    t0 = time.time()
-    bar = tqdm(total=total_steps, initial=start_step, desc="ppo", unit="step", disable=not main_proc)
-    stopped_early = False
-    # Monitors compare against the whole run, including steps logged before a resume.
-    history = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()] if start_step else []
+    def save(step: int) -> None:
+        checkpoint(run_dir, step, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
+                   extra_state={"kl_controller": kl_ctl.state_dict()})
+
     for step in range(start_step, total_steps):
+        timer = PhaseTimer()
         # ---- 1. rollout ------------------------------------------------------------------------
         step_prompts = [prompts[i] for i in global_batch(step, len(prompts), cfg.rollout_batch, steps_per_epoch, cfg.seed)]
-        batch_prompts = step_prompts[rank::world]  # this process's share
+        rows = list(range(rank, cfg.rollout_batch, world))  # this process's share
+        batch_prompts = [step_prompts[r] for r in rows]
         policy.eval()
-        gen = generate(policy, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + step + 7919 * rank)
-        responses = [toks if toks else [eos] for toks in gen.tokens]  # an empty response still gets a reward
-        seqs = [p + r for p, r in zip(gen.prompt_ids, responses)]
-        ids, mask = left_pad(seqs, tokenizer.pad_token_id, device)
-        keep = max(len(r) for r in responses)  # the last `keep` columns hold every response
-        resp_lengths = torch.tensor([len(r) for r in responses], device=device)
-        resp_mask = tail_mask(resp_lengths, keep)  # (B, keep)
+        with timer("generate"):
+            ro = sample(engine, policy, batch_prompts, row_seeds(cfg.seed, step, rows), max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer, device=device)
+        gen, ids, mask, keep, resp_mask = ro.gen, ro.ids, ro.mask, ro.keep, ro.resp_mask
         fused = REUSE_ROLLOUT_FORWARD and cfg.ppo_epochs == 1 and cfg.minibatch_size == cfg.rollout_batch
         if fused:
             # One update on the whole batch: the update's forward pass is the rollout's (ratio exactly 1),
             # so one backbone pass fewer per step.
             model.train()
-            with accelerator.autocast():
+            with timer("update"), accelerator.autocast():
                 live_logp, live_values = model(ids, mask, cfg.temperature, keep)
             old_logp, old_values = live_logp.detach(), live_values.detach()
         else:
-            with torch.no_grad():  # the unwrapped module: no DDP bookkeeping for passes without gradients
+            # the unwrapped module: no DDP bookkeeping for passes without gradients
+            with timer("old_logprobs"), torch.no_grad():
                 old_logp, old_values = modules(ids, mask, cfg.temperature, keep)
-        with torch.no_grad(), policy.disable_adapter():
+        with timer("reference"), torch.no_grad(), policy.disable_adapter():
             ref_logp, _ = modules(ids, mask, cfg.temperature, keep)
-        scores = torch.tensor(score_fn(batch_prompts, gen.texts), dtype=torch.float32, device=device)
+        with timer("score"):
+            scores = torch.tensor(scorers.reward(batch_prompts, gen.texts), dtype=torch.float32, device=device)
         raw_scores = scores.clone()
         if cfg.missing_eos_penalty is not None:
             scores -= cfg.missing_eos_penalty * torch.tensor([not f for f in gen.finished], device=device).float()
@@ -176,69 +159,38 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
         n_updates = 0
         order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         local_minibatch = cfg.minibatch_size // world
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(len(seqs), generator=order_gen).tolist()
-            for start in range(0, len(order), local_minibatch):
-                mb = order[start:start + local_minibatch]
-                with accelerator.autocast():
-                    logp, values = ((live_logp[mb], live_values[mb]) if fused
-                                    else model(ids[mb], mask[mb], cfg.temperature, keep))
-                    pg, pg_stats = policy_loss(logp, old_logp[mb], advantages[mb], resp_mask[mb], cfg.clip)
-                    vf, vf_stats = value_loss(values, old_values[mb], returns[mb], resp_mask[mb], cfg.vf_clip)
-                    accelerator.backward(pg + cfg.vf_coef * vf)
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                for k, v in {"pg_loss": pg.item(), "vf_loss": vf.item(), **pg_stats, **vf_stats}.items():
-                    if k in stats:
-                        stats[k] += v
-                n_updates += 1
-        scheduler.step()
-        # every process builds the same record from the whole step's batch, so stop decisions agree
-        mean_kl = accelerator.gather(kl.sum(dim=1)).mean().item()  # per response
-        kl_ctl.update(mean_kl, cfg.rollout_batch)
+        with timer("update"):
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(len(rows), generator=order_gen).tolist()
+                for start in range(0, len(order), local_minibatch):
+                    mb = order[start:start + local_minibatch]
+                    with accelerator.autocast():
+                        logp, values = ((live_logp[mb], live_values[mb]) if fused
+                                        else model(ids[mb], mask[mb], cfg.temperature, keep))
+                        pg, pg_stats = policy_loss(logp, old_logp[mb], advantages[mb], resp_mask[mb], cfg.clip)
+                        vf, vf_stats = value_loss(values, old_values[mb], returns[mb], resp_mask[mb], cfg.vf_clip)
+                        accelerator.backward(pg + cfg.vf_coef * vf)
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    for k, v in {"pg_loss": pg.item(), "vf_loss": vf.item(), **pg_stats, **vf_stats}.items():
+                        if k in stats:
+                            stats[k] += v
+                    n_updates += 1
+            scheduler.step()
 
-        # ---- log and checkpoint ----------------------------------------------------------------
+        # ---- log, probe, checkpoint -------------------------------------------------------------
+        # every process builds the same record from the whole step's batch, so stop decisions agree
         done = step + 1
-        lengths = accelerator.gather(resp_lengths).float()
-        finished = accelerator.gather(torch.tensor(gen.finished, dtype=torch.float32, device=device))
-        texts = gather_object(gen.texts) if world > 1 else gen.texts
         update_stats = torch.tensor([v / n_updates for v in stats.values()], device=device)
         update_stats = (accelerator.reduce(update_stats, reduction="sum") / world).tolist()
-        record = {"step": done, "score": round(accelerator.gather(raw_scores).mean().item(), 6),
-                  "reward": round(accelerator.gather(scores).mean().item(), 6), "kl": round(mean_kl, 6),
-                  "kl_coef": round(kl_ctl.coef, 6), "response_length": lengths.mean().item(),
-                  "eos_rate": finished.mean().item(), "distinct_2": round(distinct_n(texts), 4),
-                  **{k: round(v, 6) for k, v in zip(stats, update_stats)},
-                  "advantage_mean": round(masked_mean(advantages, resp_mask).item(), 6),
-                  "elapsed_s": round(time.time() - t0, 3)}
-        if judge is not None:
-            judged = torch.tensor(judge.score(batch_prompts, gen.texts), dtype=torch.float32, device=device)
-            record["judge"] = round(accelerator.gather(judged).mean().item(), 6)
-        history.append(record)
-        warnings = monitors.check(history, cfg.monitors)
-        if warnings:
-            record["warnings"] = warnings
-            for w in warnings:
-                if main_proc:
-                    tqdm.write(f"ppo: WARNING step {done}: {w}")
-        if main_proc:
-            metrics.write(record)
-        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{mean_kl:.3f}")
-        bar.update(1)
-        threshold_hit = cfg.reward_threshold is not None and record["score"] >= cfg.reward_threshold
-        monitor_stop = bool(warnings) and cfg.monitors.stop_on_warning
-        if done % cfg.save_every == 0 or done == total_steps or threshold_hit or monitor_stop:
-            checkpoint(run_dir, done, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
-                       extra_state={"kl_controller": kl_ctl.state_dict()})
-        if threshold_hit or monitor_stop:
-            why = (f"mean score {record['score']:.4f} reached reward_threshold {cfg.reward_threshold}"
-                   if threshold_hit else "a monitor warned and monitors.stop_on_warning is set")
-            if main_proc:
-                print(f"ppo: {why} at step {done}; stopping", flush=True)
-            stopped_early = True
+        record = {"step": done, **batch_stats(accelerator, ro, raw_scores, scores, kl.sum(dim=1), batch_prompts,
+                                              scorers, sampler_gap(gen, old_logp)),
+                  "kl_coef": round(kl_ctl.coef, 6), **{k: round(v, 6) for k, v in zip(stats, update_stats)},
+                  "advantage_mean": round(masked_mean(advantages, resp_mask).item(), 6)}
+        kl_ctl.update(record["kl"], cfg.rollout_batch)
+        if log.end_step(record, timer, save):
             break
-    bar.close()
 
     # ---- save ------------------------------------------------------------------------------------
     if main_proc:
@@ -247,9 +199,7 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
         final = save_model(policy, tokenizer, run_dir / "final")
         save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
                   final / "value_head.safetensors")
-        metrics.close()
-        print(f"ppo: done in {time.time() - t0:.1f}s{' (early stop)' if stopped_early else ''} | "
-              f"policy saved to {final}", flush=True)
+    log.close(final if main_proc else None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir

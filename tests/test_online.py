@@ -1,0 +1,73 @@
+"""What PPO and GRPO share (alignkit.online): row seeds, the tail log-probs of the trainer, the
+sampler-trainer gap, phase timings, the probe schedule, the history read back on resume."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignkit.models.generation import Generation, left_pad
+from alignkit.online import PhaseTimer, Probe, load_history, row_seeds, sampler_gap, tail_logprobs
+
+
+def test_row_seeds_depend_on_seed_step_and_row_only():
+    a = row_seeds(0, 3, [0, 1, 2, 3])
+    assert row_seeds(0, 3, [2, 3]) == a[2:]  # the same rows, whichever process draws them
+    assert len(set(a)) == 4 and row_seeds(0, 4, [0]) != a[:1] and row_seeds(1, 3, [0]) != a[:1]
+
+
+def test_tail_logprobs_equal_a_full_forward(tiny):
+    """The last `keep` tokens' log-probs at temperature 0.7 from the LM head on those positions only
+    equal log_softmax(logits / 0.7) of a full forward pass, in a left-padded batch."""
+    model, _ = tiny
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    ids, mask = left_pad(rows, 0, "cpu")
+    keep = 2
+    with torch.no_grad():
+        got = tail_logprobs(model, ids, mask, 0.7, keep)
+        for b, row in enumerate(rows):
+            full = model(input_ids=torch.tensor([row])).logits[0].float() / 0.7
+            want = torch.log_softmax(full, dim=-1)[:-1].gather(1, torch.tensor(row[1:])[:, None]).squeeze(1)
+            torch.testing.assert_close(got[b], want[-keep:], atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_gap_by_hand():
+    """Row 0 sampled 2 tokens (log-p -1.0, -2.0), the trainer says (-1.5, -2.0): |diff| 0.5 and 0; row 1
+    sampled 1 token (-0.25 vs -0.5): 0.25. Sum 0.75 over 3 tokens; responses sit at the right end."""
+    gen = Generation(prompt_ids=[[1], [1]], tokens=[[3, 4], [5]], texts=["", ""], finished=[False, False],
+                     logprobs=[torch.tensor([-1.0, -2.0]), torch.tensor([-0.25])])
+    trainer = torch.tensor([[-1.5, -2.0], [9.0, -0.5]])  # row 1's first column is padding
+    total, count = sampler_gap(gen, trainer).tolist()
+    assert total == pytest.approx(0.75) and count == 3
+
+
+def test_phase_timer_adds_up_each_phase():
+    timer = PhaseTimer()
+    for _ in range(2):
+        with timer("update"):
+            sum(range(10000))
+    with pytest.raises(RuntimeError):
+        with timer("score"):
+            raise RuntimeError("a failing phase is still timed")
+    rec = timer.record()
+    assert set(rec) == {"time_update_s", "time_score_s"} and all(v >= 0 for v in rec.values())
+    assert not math.isnan(rec["time_update_s"])
+
+
+def test_probe_schedule(tmp_path):
+    from alignkit.config import ProbeSettings
+
+    f = tmp_path / "p.txt"
+    f.write_text("a\nb\nc\nd\ne\n")
+    probe = Probe(ProbeSettings(prompts=f, every=3, n=4), max_new_tokens=9, rank=1, world=2)
+    assert probe.prompts == ["a", "b", "c", "d"] and probe.mine == ["b", "d"] and probe.max_new_tokens == 9
+    assert [s for s in range(8) if probe.due(s, last=s == 7)] == [0, 3, 6, 7]
+    assert not Probe(None, 9, 0, 1).due(0, last=True)
+
+
+def test_history_leaves_out_probe_only_records(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "probe_proxy": 0.1}, {"step": 1, "score": 0.5, "kl": 0.0}]) + "\n")
+    assert load_history(tmp_path, 1) == [{"step": 1, "score": 0.5, "kl": 0.0}]
+    assert load_history(tmp_path, 0) == []
