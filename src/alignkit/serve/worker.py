@@ -5,9 +5,10 @@ join the next one.
     job = worker.submit(prompt_ids, params, loop)      # raises APIError 503 when the queue is full
     async for event in job.events(): ...               # ("delta", choice, text, logprob), ("finish", ...)
 
-The worker takes the oldest waiting request, then every other waiting request with the same
-sampling settings (temperature, top_p, top_k: the engine samples a batch with one setting) until
-`max_batch` rows, and decodes them together on the rollout engine. Everything per row rides on the
+The worker waits briefly while a burst of requests is still arriving (see _next_batch), then takes
+the oldest waiting request and every other waiting request with the same sampling settings
+(temperature, top_p, top_k: the engine samples a batch with one setting) until `max_batch` rows,
+and decodes them together on the rollout engine. Everything per row rides on the
 engine's per-row hooks: each row's own seed, its own max_tokens, stop strings and EOS handling in
 `on_step` (which also streams each new token out), and `ignore_eos` / log-probs in the logits
 processor. A request whose client went away is marked cancelled and its rows are stopped at the
@@ -33,6 +34,9 @@ from alignkit.models.rollout import RolloutEngine
 from alignkit.models.sampling import row_seeds
 from alignkit.serve.errors import APIError, overloaded
 from alignkit.serve.protocol import Params
+
+GATHER_QUIET_S = 0.005  # a batch starts once no request arrived for this long...
+GATHER_MAX_S = 0.1      # ...or this long after the first one
 
 
 @dataclass
@@ -161,10 +165,21 @@ class BatchWorker:
     # The worker thread
 
     def _next_batch(self) -> list[Job]:
-        """The oldest waiting job plus later ones with the same sampling settings, up to max_batch rows."""
+        """The oldest waiting job plus later ones with the same sampling settings, up to max_batch rows.
+
+        A burst of requests reaches the worker one by one as the event loop parses them, so before
+        starting a batch the worker waits while requests keep arriving: until none came for
+        GATHER_QUIET_S, GATHER_MAX_S passed, or max_batch rows wait. A lone request pays GATHER_QUIET_S.
+        """
         with self.cond:
             while not self.waiting and not self._stop:
                 self.cond.wait()
+            deadline = time.perf_counter() + GATHER_MAX_S
+            while not self._stop and sum(j.rows for j in self.waiting) < self.max_batch:
+                seen = len(self.waiting)
+                self.cond.wait(timeout=min(GATHER_QUIET_S, max(0.0, deadline - time.perf_counter())))
+                if len(self.waiting) == seen or time.perf_counter() >= deadline:
+                    break
             if self._stop:
                 return []
             first = self.waiting.popleft()
