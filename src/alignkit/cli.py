@@ -486,7 +486,9 @@ def prefs_sample(
         raise AlignkitError("--n must be at least 2: a ranking needs two completions")
     s = sample_candidates(prompts, out, model=model, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seed=seed, batch_size=batch_size, device=device, restart=restart)
-    if s["resumed_at"]:
+    if s["resumed_at"] == s["prompts"]:
+        print(f"{out} is already complete: nothing to sample")
+    elif s["resumed_at"]:
         print(f"resumed after {s['resumed_at']} of {s['prompts']} prompt(s) already in {out}")
     print(f"wrote {s['written']} prompt(s) with up to {n} completions each to {out}")
     for reason in s["skipped"]:
