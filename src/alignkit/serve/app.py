@@ -19,7 +19,6 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -58,10 +57,6 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
     async def http_error(request, exc):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
-        return bad_request(str(exc.errors()[0].get("msg", "invalid request"))).response()
 
     def check_key(request: Request) -> None:
         if api_key is None:
