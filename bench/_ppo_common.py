@@ -70,3 +70,48 @@ def build_tiny_model(out: Path, seed: int = 0, layers: int = 2) -> Path:
     from conftest import build_tiny_model as build
 
     return build(out, seed=seed, layers=layers)
+
+
+class PlainGenerate:
+    """Rollouts as they were before the rollout engine, for the "before" side of the benchmark:
+    transformers' `model.generate` on the PEFT-wrapped policy itself (LoRA applied in every layer,
+    dynamic KV cache), one batched call per step seeded by the first row's seed. Same interface as
+    the engine (sync, generate), so the recipe runs unchanged."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def sync(self, policy):
+        self.model = policy
+
+    def generate(self, prompts, *, n=1, max_new_tokens=64, temperature=0.0, top_p=1.0, seed=None,
+                 return_logprobs=False, **_):
+        import torch
+        from transformers import GenerationConfig
+
+        from alignkit.models.generation import Generation, eos_ids, left_pad, render_prompt
+
+        tok, model = self.tokenizer, self.model
+        eos = eos_ids(tok, model)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                                  return_dict_in_generate=True, output_logits=return_logprobs, **sampling)
+        prompt_ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+        ids, mask = left_pad(prompt_ids, tok.pad_token_id, next(model.parameters()).device)
+        with torch.inference_mode(), torch.random.fork_rng():
+            torch.manual_seed(seed[0] if isinstance(seed, list) else (seed or 0))
+            result = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        new = result.sequences[:, ids.shape[1]:].cpu()
+        out = Generation(prompt_ids, [], [], [], [] if return_logprobs else None)
+        for i in range(new.shape[0]):
+            row = new[i].tolist()
+            cut = next((j + 1 for j, t in enumerate(row) if t in eos), None)
+            kept = row[:cut] if cut is not None else row
+            out.tokens.append(kept)
+            out.finished.append(cut is not None)
+            out.texts.append(tok.decode(kept, skip_special_tokens=True).strip())
+            if return_logprobs:
+                scale = temperature if temperature > 0 else 1.0
+                out.logprobs.append(torch.stack([torch.log_softmax(result.logits[t][i].float() / scale, -1)[kept[t]]
+                                                 for t in range(len(kept))]).cpu())
+        return out

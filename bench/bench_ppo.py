@@ -1,10 +1,14 @@
-"""Benchmark alignkit's PPO step against TRL's online RL trainers on the same work: seconds per step,
-completion tokens/s and peak memory, each as a ratio against the peer measured in the same run.
+"""Benchmark alignkit's PPO and GRPO steps against TRL's online RL trainers on the same work: seconds
+per step, completion tokens/s and peak memory, each as a ratio against the peer measured in the same run.
 
     python bench/bench_ppo.py [--steps 4] [--models tiny,embedded] [--threads 2] [--rounds 1] [--quick]
                               [--trl-ppo-path DIR]
 
-Peers, each run in a fresh process, one after the other:
+Sides, each run in a fresh process, one after the other:
+  alignkit PPO              the recipe, rollouts on the rollout engine
+  alignkit PPO, plain gen.  the same recipe with rollouts from transformers' `model.generate` on the
+                            PEFT-wrapped policy, as before the engine: PPO before/after in one run
+  alignkit GRPO             the GRPO recipe: 1 prompt x 8 completions per step, as TRL's GRPO below
   TRL 1.16 GRPOTrainer      TRL's current online trainer (TRL dropped PPO after 1.10)
   TRL 1.10 PPOTrainer       `trl.experimental.ppo`; it needs a TRL 1.10 installed apart from 1.16, e.g.
                             `pip install --no-deps --target DIR trl==1.10.0`, given as --trl-ppo-path DIR
@@ -16,7 +20,8 @@ Python function is called), 8 completions per step of at most 32 new tokens samp
 algorithms: PPO scores 8 prompts once each, learns a value head and uses GAE advantages (with one
 epoch and one minibatch, as here, its update reuses the rollout's forward pass for the old log-probs
 and values, as GRPO with num_iterations 1 does); GRPO samples 8 completions of one prompt and uses
-group-normalised rewards as advantages. TRL's PPO keeps a separate critic network (here given the
+group-normalised rewards as advantages; alignkit GRPO and TRL GRPO do the same work (KL as k3 in the
+loss with beta 0.05, one iteration, token-level loss). TRL's PPO keeps a separate critic network (here given the
 same LoRA), so it runs one more backbone per forward pass than alignkit, whose value head shares the
 policy's backbone.
 
@@ -43,36 +48,71 @@ sys.path.insert(0, str(BENCH))
 
 import _ppo_common as common  # the helper modules live beside this script
 
-SIDES = {"alignkit": "alignkit PPO", "trl-grpo": "TRL 1.16 GRPO", "trl-ppo": "TRL 1.10 PPO"}
+SIDES = {"alignkit": "alignkit PPO", "alignkit-plain": "PPO, plain gen.", "alignkit-grpo": "alignkit GRPO",
+         "trl-grpo": "TRL 1.16 GRPO", "trl-ppo": "TRL 1.10 PPO"}
+# Which side each table compares with which: (ours, peers, target ratio of completion tokens/s or None)
+TABLES = [("alignkit", ["alignkit-plain", "trl-ppo", "trl-grpo"], None), ("alignkit-grpo", ["trl-grpo"], 2.0)]
 
 
-def run_alignkit(model_dir: str, steps: int, workdir: Path) -> dict:
-    """The recipe itself, driven by its config; step times and lengths from its own metrics."""
-    from alignkit.config import PPOConfig, load_config
-    from alignkit.recipes import ppo
-
-    n = common.COMPLETIONS_PER_STEP
-    cfg_path = workdir / "ppo.yaml"
-    cfg_path.write_text(json.dumps({
-        "model": model_dir, "data": {"prompts": str(common.PROMPTS_FILE)}, "reward": str(common.JUDGE_FILE),
-        "output_dir": str(workdir), "run_name": "bench-ppo", "device": "cpu", "dtype": "float32",
-        "lora": common.LORA, "learning_rate": common.LEARNING_RATE, "lr_scheduler": "constant",
-        "rollout_batch": n, "minibatch_size": n, "ppo_epochs": 1, "max_new_tokens": common.MAX_NEW_TOKENS,
-        "temperature": common.TEMPERATURE, "kl_coef": common.KL_COEF, "max_steps": steps + 1,
-        "save_every": 1_000_000, "keep_checkpoints": 1, "seed": common.SEED}))
-    run_dir = ppo.main(load_config(PPOConfig, cfg_path), overwrite=True)
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def from_metrics(name: str, run_dir: Path, n: int) -> dict:
+    """Step times, completion tokens and the mean seconds of each phase from a run's own metrics."""
+    recs = [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "score" in r]
     # elapsed_s is taken at the end of each step, from a clock started after setup
     step_s = [b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(recs)]
-    return common.result("alignkit PPO", step_s, [n * r["response_length"] for r in recs[1:]])
+    phases = sorted({k for r in recs[1:] for k in r if k.startswith("time_")})
+    phase_s = {k[5:-2]: statistics.mean(r.get(k, 0.0) for r in recs[1:]) for k in phases}
+    return common.result(name, step_s, [n * r["response_length"] for r in recs[1:]], phases=phase_s)
+
+
+def alignkit_config(cls, model_dir: str, steps: int, workdir: Path, name: str, **recipe) -> object:
+    """The settings every alignkit side shares (model, prompts, reward, LoRA, lengths, KL, seed) plus
+    the recipe's own, written as a config file and loaded as the CLI would."""
+    from alignkit.config import load_config
+
+    path = workdir / f"{name}.yaml"
+    path.write_text(json.dumps({
+        "model": model_dir, "data": {"prompts": str(common.PROMPTS_FILE)}, "reward": str(common.JUDGE_FILE),
+        "output_dir": str(workdir), "run_name": name, "device": "cpu", "dtype": "float32",
+        "lora": common.LORA, "learning_rate": common.LEARNING_RATE, "lr_scheduler": "constant",
+        "max_new_tokens": common.MAX_NEW_TOKENS, "temperature": common.TEMPERATURE, "kl_coef": common.KL_COEF,
+        "max_steps": steps + 1, "save_every": 1_000_000, "keep_checkpoints": 1, "seed": common.SEED, **recipe}))
+    return load_config(cls, path)
+
+
+def run_alignkit_grpo(model_dir: str, steps: int, workdir: Path) -> dict:
+    """The GRPO recipe on TRL GRPO's work: one prompt, 8 completions, one iteration, KL in the loss."""
+    from alignkit.config import GRPOConfig
+    from alignkit.recipes import grpo
+
+    n = common.COMPLETIONS_PER_STEP
+    cfg = alignkit_config(GRPOConfig, model_dir, steps, workdir, "bench-grpo", rollout_batch=1, group_size=n,
+                          num_iterations=1, kl_in="loss", loss_aggregation="token")
+    return from_metrics("alignkit GRPO", grpo.main(cfg, overwrite=True), n)
+
+
+def run_alignkit(model_dir: str, steps: int, workdir: Path, plain: bool = False) -> dict:
+    """The recipe itself, driven by its config; step times and lengths from its own metrics. `plain`
+    swaps the rollout engine for transformers' model.generate on the PEFT-wrapped policy."""
+    from alignkit.config import PPOConfig
+    from alignkit.recipes import ppo
+
+    if plain:
+        ppo.RolloutEngine = common.PlainGenerate
+    n = common.COMPLETIONS_PER_STEP
+    cfg = alignkit_config(PPOConfig, model_dir, steps, workdir, "bench-ppo", rollout_batch=n, minibatch_size=n,
+                          ppo_epochs=1)
+    return from_metrics(SIDES["alignkit-plain" if plain else "alignkit"], ppo.main(cfg, overwrite=True), n)
 
 
 def child(side: str, model_dir: str, steps: int, threads: int, out: Path) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    if side == "alignkit":
-        res = run_alignkit(model_dir, steps, out.parent)
+    if side in ("alignkit", "alignkit-plain"):
+        res = run_alignkit(model_dir, steps, out.parent, plain=side == "alignkit-plain")
+    elif side == "alignkit-grpo":
+        res = run_alignkit_grpo(model_dir, steps, out.parent)
     elif side == "trl-grpo":
         import _trl_grpo
 
@@ -119,6 +159,8 @@ def median_result(rounds: list[dict | str]) -> dict | str:
     out = {key: statistics.median(r[key] for r in rounds)
            for key in ("s_per_step", "tokens_per_s", "tokens_per_step", "peak_rss_mb")}
     out["tokens_per_s_range"] = (min(r["tokens_per_s"] for r in rounds), max(r["tokens_per_s"] for r in rounds))
+    if "phases" in rounds[0]:
+        out["phases"] = {k: statistics.median(r["phases"][k] for r in rounds) for k in rounds[0]["phases"]}
     return out
 
 
@@ -126,32 +168,37 @@ def ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.2f}x"
 
 
-def print_table(model: str, results: dict[str, dict | str], rounds: int) -> None:
-    ours = results["alignkit"]
-    peers = [s for s in SIDES if s != "alignkit"]
-    head = f"{'':<24} | {SIDES['alignkit']:>12}" + "".join(f" | {SIDES[s]:>13} | ratio" for s in peers)
-    print(f"\n## {model}" + (f" (median of {rounds} rounds)" if rounds > 1 else "") + f"\n{head}")
+def print_table(model: str, results: dict[str, dict | str], rounds: int, ours_side: str, peers: list[str],
+                target: float | None) -> None:
+    ours = results[ours_side]
+    head = f"{'':<24} | {SIDES[ours_side]:>15}" + "".join(f" | {SIDES[s]:>15} | ratio" for s in peers)
+    print(f"\n## {model}: {SIDES[ours_side]}" + (f" (median of {rounds} rounds)" if rounds > 1 else "") + f"\n{head}")
     rows = [("seconds per step", "s_per_step", "{:.2f}"), ("completion tokens / s", "tokens_per_s", "{:.1f}"),
             ("completion tokens / step", "tokens_per_step", "{:.0f}"), ("peak memory, MB", "peak_rss_mb", "{:.0f}")]
     for label, key, fmt in rows:
-        line = f"{label:<24} | " + (f"{fmt.format(ours[key]):>12}" if isinstance(ours, dict) else f"{'-':>12}")
+        line = f"{label:<24} | " + (f"{fmt.format(ours[key]):>15}" if isinstance(ours, dict) else f"{'-':>15}")
         for s in peers:
             peer = results[s]
             if isinstance(peer, dict) and isinstance(ours, dict):
-                line += f" | {fmt.format(peer[key]):>13} | {ratio(ours[key], peer[key]):>5}"
+                line += f" | {fmt.format(peer[key]):>15} | {ratio(ours[key], peer[key]):>5}"
             else:
-                line += f" | {'-':>13} | {'-':>5}"
+                line += f" | {'-':>15} | {'-':>5}"
         print(line)
-    for side, res in results.items():
+    for side in [ours_side, *peers]:
+        res = results[side]
         if isinstance(res, str):
             print(f"{SIDES[side]}: {res}")
-        elif rounds > 1:
+            continue
+        if rounds > 1:
             low, high = res["tokens_per_s_range"]
             print(f"{SIDES[side]}: completion tokens/s ranged {low:.1f}-{high:.1f} over the rounds")
+        if res.get("phases"):
+            print(f"{SIDES[side]}: seconds per step by phase: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in sorted(res["phases"].items(), key=lambda kv: -kv[1])))
     grpo = results["trl-grpo"]
-    if isinstance(ours, dict) and isinstance(grpo, dict):
-        met = ours["tokens_per_s"] >= grpo["tokens_per_s"]
-        print(f"target: completion tokens/s >= TRL GRPO's: {'met' if met else 'MISSED'} "
+    if target and isinstance(ours, dict) and isinstance(grpo, dict):
+        met = ours["tokens_per_s"] >= target * grpo["tokens_per_s"]
+        print(f"target: completion tokens/s >= {target:g}x TRL GRPO's: {'met' if met else 'MISSED'} "
               f"({ratio(ours['tokens_per_s'], grpo['tokens_per_s'])})")
 
 
@@ -169,6 +216,8 @@ def main() -> None:
     ap.add_argument("--trl-ppo-path", default=os.environ.get("TRL_PPO_PATH"),
                     help="directory holding TRL 1.10 (pip install --no-deps --target DIR trl==1.10.0), put first "
                          "on the TRL PPO side's PYTHONPATH; default $TRL_PPO_PATH; without it that side is skipped")
+    ap.add_argument("--sides", default=",".join(SIDES),
+                    help=f"comma-separated sides to run (default all: {','.join(SIDES)})")
     ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: one side, in a child
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -180,12 +229,16 @@ def main() -> None:
         return
     steps = 2 if args.quick and args.steps == 4 else args.steps
     models = (args.models or ("tiny" if args.quick else "tiny,embedded")).split(",")
+    sides = args.sides.split(",")
+    if not set(sides) <= set(SIDES):
+        ap.error(f"--sides: unknown {sorted(set(sides) - set(SIDES))}; choose from {','.join(SIDES)}")
 
     import torch
 
     print(f"torch {torch.__version__}, {args.threads} threads per side, CPU; sides run one after another. "
           f"{common.COMPLETIONS_PER_STEP} completions x <= {common.MAX_NEW_TOKENS} new tokens per step, "
-          f"LoRA r={common.LORA['r']} on {common.LORA['target_modules']}; {steps} measured steps + 1 warm-up")
+          f"LoRA r={common.LORA['r']} on {common.LORA['target_modules']}; {steps} measured steps + 1 warm-up; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine may be shared: read ratios)")
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             if model == "tiny":
@@ -197,13 +250,17 @@ def main() -> None:
             else:
                 model_dir = model
             workdir = Path(tempfile.mkdtemp(prefix="runs-", dir=tmp))
-            runs = {side: [] for side in SIDES}
+            runs = {side: ["not run (--sides)"] for side in SIDES}
+            runs.update({side: [] for side in sides})
             for round_ in range(args.rounds):
-                for side, name in SIDES.items():  # one after another, never two at once
+                for side in sides:  # one after another, never two at once
+                    name = SIDES[side]
                     print(f"{model}: {name}" + (f", round {round_ + 1}/{args.rounds}" if args.rounds > 1 else "")
                           + " ...", flush=True)
                     runs[side].append(run_side(side, model_dir, steps, args.threads, workdir, args.trl_ppo_path))
-            print_table(model, {side: median_result(r) for side, r in runs.items()}, args.rounds)
+            results = {side: median_result(r) for side, r in runs.items()}
+            for ours, peers, target in TABLES:
+                print_table(model, results, args.rounds, ours, peers, target)
 
 
 if __name__ == "__main__":

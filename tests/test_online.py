@@ -71,3 +71,21 @@ def test_history_leaves_out_probe_only_records(tmp_path):
         {"step": 0, "probe_proxy": 0.1}, {"step": 1, "score": 0.5, "kl": 0.0}]) + "\n")
     assert load_history(tmp_path, 1) == [{"step": 1, "score": 0.5, "kl": 0.0}]
     assert load_history(tmp_path, 0) == []
+
+
+def test_sample_groups_repeated_prompts_without_changing_any_row(tiny):
+    """Rows of the same prompts in any order (here interleaved, two each) go to the engine as n = 2
+    per prompt; each row still gets the tokens of its own seed, in the caller's order."""
+    from alignkit.models.rollout import RolloutEngine
+    from alignkit.online import sample
+
+    model, tok = tiny
+    engine = RolloutEngine(model, tok)
+    prompts, seeds = ["Where is my order?", "Hi", "Hi", "Where is my order?"], [11, 12, 13, 14]
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=1.0, tokenizer=tok, device="cpu")
+    grouped = sample(engine, model, prompts, seeds, **kw).gen
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        alone = sample(engine, model, [p], [s], **kw).gen
+        assert grouped.tokens[i] == alone.tokens[0] and grouped.prompt_ids[i] == alone.prompt_ids[0]
+        torch.testing.assert_close(grouped.logprobs[i], alone.logprobs[0])
+    assert grouped.tokens[0] != grouped.tokens[3] or grouped.tokens[1] != grouped.tokens[2]  # seeds matter

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -60,12 +60,26 @@ class Rollout:
     lengths: torch.Tensor    # (B,)
 
 
-def sample(engine, policy, prompts: list, seeds: list[int], *, max_new_tokens: int, temperature: float,
+def sample(engine, policy, prompts: list[str], seeds: list[int], *, max_new_tokens: int, temperature: float,
            top_p: float, tokenizer, device) -> Rollout:
-    """Sync the engine to the policy's current weights and sample one completion per row."""
+    """Sync the engine to the policy's current weights and sample one completion per row (row i of
+    prompts[i], seeded by seeds[i]). When every distinct prompt has the same number of rows, they go
+    to the engine as n completions per prompt (one shared prefill each); a row's tokens depend only
+    on its seed either way."""
     engine.sync(policy)
-    gen = engine.generate(prompts, n=1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=seeds, return_logprobs=True)
+    rows_of: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        rows_of.setdefault(p, []).append(i)
+    sizes = {len(rows) for rows in rows_of.values()}
+    n = sizes.pop() if len(sizes) == 1 else 1
+    unique, order = (list(rows_of), [i for rows in rows_of.values() for i in rows]) if n > 1 \
+        else (prompts, list(range(len(prompts))))
+    gen = engine.generate(unique, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=[seeds[i] for i in order], return_logprobs=True)
+    if n > 1:  # back to the caller's row order
+        at = {row: k for k, row in enumerate(order)}
+        gen = Generation(**{f.name: [getattr(gen, f.name)[at[i]] for i in range(len(prompts))]
+                            for f in fields(gen)})
     eos = tokenizer.eos_token_id
     responses = [toks if toks else [eos] for toks in gen.tokens]  # an empty response still gets a reward
     ids, mask = left_pad([p + r for p, r in zip(gen.prompt_ids, responses)], tokenizer.pad_token_id, device)
@@ -161,13 +175,14 @@ def batch_stats(accelerator, rollout: Rollout, raw_scores: torch.Tensor, scores:
 
     world = accelerator.num_processes
     gen, device = rollout.gen, raw_scores.device
+    finished = torch.tensor(gen.finished, dtype=torch.float32, device=device)
     texts = gather_object(gen.texts) if world > 1 else gen.texts
     gap = accelerator.reduce(gap, reduction="sum") if world > 1 else gap
     record = {"score": round(accelerator.gather(raw_scores).mean().item(), 6),
               "reward": round(accelerator.gather(scores).mean().item(), 6),
               "kl": round(accelerator.gather(kl_per_response).mean().item(), 6),
               "response_length": accelerator.gather(rollout.lengths).float().mean().item(),
-              "eos_rate": accelerator.gather(torch.tensor(gen.finished, dtype=torch.float32, device=device)).mean().item(),
+              "eos_rate": accelerator.gather(finished).mean().item(),
               "distinct_2": round(distinct_n(texts), 4),
               "sampler_logprob_gap": float(f"{(gap[0] / gap[1].clamp(min=1)).item():.4g}")}  # often ~1e-7
     if scorers.judge is not None:
@@ -247,33 +262,3 @@ class StepLog:
                   f"{' (early stop)' if getattr(self, 'stopped_early', False) else ''} | policy saved to {saved_to}",
                   flush=True)
 
-
-def make_engine(model, tokenizer):
-    """The rollout engine of `model` (alignkit.models.rollout), or, where it is not installed yet,
-    the same interface on `alignkit.models.generate` (one row at a time when seeds are per row)."""
-    try:
-        from alignkit.models.rollout import RolloutEngine
-    except ImportError:
-        return _GenerateEngine(model, tokenizer)
-    return RolloutEngine(model, tokenizer)
-
-
-class _GenerateEngine:
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    def sync(self, policy):
-        self.model = policy
-
-    def generate(self, prompts, *, n=1, seed=None, **kw) -> Generation:
-        from alignkit.models import generate
-
-        if not isinstance(seed, list):
-            return generate(self.model, self.tokenizer, prompts, seed=seed, **kw)
-        parts = [generate(self.model, self.tokenizer, [p], seed=s, **kw) for p, s in zip(prompts, seed)]
-        out = Generation([], [], [], [], [] if kw.get("return_logprobs") else None)
-        for g in parts:
-            for field in ("prompt_ids", "tokens", "texts", "finished", "logprobs"):
-                if getattr(out, field) is not None:
-                    getattr(out, field).extend(getattr(g, field))
-        return out

@@ -37,8 +37,9 @@ from alignkit.errors import AlignkitError
 from alignkit.losses.grpo import aggregate, clipped_token_loss, group_advantages
 from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
 from alignkit.models import save_model
-from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, make_engine, row_seeds, sample,
-                             sampler_gap, tail_logprobs)
+from alignkit.models.rollout import RolloutEngine
+from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, row_seeds, sample, sampler_gap,
+                             tail_logprobs)
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
 
@@ -78,7 +79,7 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
         raise AlignkitError(f"{cfg.data.prompts}: {len(prompts)} prompts, fewer than rollout_batch {cfg.rollout_batch}")
     scorers = Scorers(cfg.reward, cfg.monitors.judge, device)
     probe = Probe(cfg.probe, cfg.max_new_tokens, rank, world)
-    engine = make_engine(policy, tokenizer)
+    engine = RolloutEngine(policy, tokenizer)  # its own copy of the weights, synced every step
     total_steps = cfg.max_steps or 100
     steps_per_epoch = len(prompts) // cfg.rollout_batch
 
@@ -136,9 +137,10 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
                 old_logp = tail_logprobs(policy, ro.ids, ro.mask, cfg.temperature, ro.keep)
         ref_logp = None
         if cfg.kl_coef > 0:
-            with timer("reference"), torch.no_grad(), (policy.disable_adapter() if reference is None
-                                                        else contextlib.nullcontext()):
-                ref_logp = tail_logprobs(policy if reference is None else reference, ro.ids, ro.mask, cfg.temperature, ro.keep)
+            ref_model, off = ((policy, policy.disable_adapter()) if reference is None
+                              else (reference, contextlib.nullcontext()))
+            with timer("reference"), torch.no_grad(), off:
+                ref_logp = tail_logprobs(ref_model, ro.ids, ro.mask, cfg.temperature, ro.keep)
         kl = (kl_fn(old_logp, ref_logp) * ro.resp_mask).sum(dim=1) if ref_logp is not None else torch.zeros_like(scores)
         if cfg.kl_in == "reward":
             scores = scores - kl_ctl.coef * kl

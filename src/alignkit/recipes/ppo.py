@@ -37,8 +37,9 @@ from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, k
 from alignkit.losses.ppo import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from alignkit.models import save_model
 from alignkit.models.heads import scalar_head
-from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, make_engine, row_seeds, sample,
-                             sampler_gap, tail_logprobs)
+from alignkit.models.rollout import RolloutEngine
+from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, row_seeds, sample, sampler_gap,
+                             tail_logprobs)
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
 
@@ -83,7 +84,7 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
         raise AlignkitError(f"{cfg.data.prompts}: {len(prompts)} prompts, fewer than rollout_batch {cfg.rollout_batch}")
     scorers = Scorers(cfg.reward, cfg.monitors.judge, device)
     probe = Probe(cfg.probe, cfg.max_new_tokens, rank, world)
-    engine = make_engine(policy, tokenizer)
+    engine = RolloutEngine(policy, tokenizer)  # its own copy of the weights, synced every step
     total_steps = cfg.max_steps or 100
     steps_per_epoch = len(prompts) // cfg.rollout_batch
 
@@ -118,8 +119,9 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
         batch_prompts = [step_prompts[r] for r in rows]
         policy.eval()
         with timer("generate"):
-            ro = sample(engine, policy, batch_prompts, row_seeds(cfg.seed, step, rows), max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature, top_p=cfg.top_p, tokenizer=tokenizer, device=device)
+            ro = sample(engine, policy, batch_prompts, row_seeds(cfg.seed, step, rows),
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        tokenizer=tokenizer, device=device)
         gen, ids, mask, keep, resp_mask = ro.gen, ro.ids, ro.mask, ro.keep, ro.resp_mask
         fused = REUSE_ROLLOUT_FORWARD and cfg.ppo_epochs == 1 and cfg.minibatch_size == cfg.rollout_batch
         if fused:
