@@ -43,8 +43,8 @@ def sample_candidates(prompts_path: Path, out: Path, *, model: str = "embedded",
         for start in tqdm(starts, desc="sampling", unit="batch", initial=writer.done // per_batch,
                           total=-(-len(items) // per_batch)):
             batch = items[start:start + per_batch]
-            texts = generate(m, tok, [p for p in batch for _ in range(n)], max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p,
+            # Rows are prompt-major (prompt i's completions are rows i*n .. i*n+n-1) and share its prefill.
+            texts = generate(m, tok, batch, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              seed=[batch_seed(seed, row) for row in range(start * n, (start + len(batch)) * n)]).texts
             records = []
             for i, p in enumerate(batch):
