@@ -158,8 +158,8 @@ class RolloutEngine:
         grouped by prompt length to limit padding; `progress` names a progress bar over the batches.
         streamer: a transformers streamer (batch of one row only).
         logits_processor(input_ids, scores) -> scores: applied to the raw (B, V) scores before
-        sampling; input_ids (B, T) holds each row's prompt and the tokens generated so far, left-padded
-        with the pad token. on_step(step, tokens, finished): called after every step with each row's
+        sampling; input_ids (B, T) holds each row's prompt and the tokens generated so far, padded with
+        the pad token on the left of each prompt's part after the prefix all rows of the batch share. on_step(step, tokens, finished): called after every step with each row's
         new token (B,) (the pad token for rows already done) and the finished mask (B,), over the rows
         of the batch being decoded (all rows when batch_size is None); a returned bool mask ends those
         rows, keeping the token of that step.
@@ -198,19 +198,27 @@ class RolloutEngine:
 
     def _decode(self, prompts: list[list[int]], seeds: torch.Tensor, max_new_tokens: int, temperature: float,
                 top_p: float, top_k: int, return_logprobs: bool, streamer, logits_processor, on_step):
-        """One batch: prefill each distinct prompt once into a static cache (rows repeating a prompt,
-        as with n > 1, copy its cache rows), then one token per step for the rows still running."""
+        """One batch: prefill the prompts into a static cache, then one token per step for the rows
+        still running. The prompts' common prefix (a system prompt, few-shot examples) is computed once
+        and each distinct prompt's rest once (rows repeating a prompt, as with n > 1, copy its cache rows).
+
+        Cache columns: [0, k) the common prefix, [k, P) the rest of each prompt, left-padded, then the
+        new tokens; positions follow the attention mask, so the padding between changes nothing."""
         from transformers import StaticCache
 
         model, device = self.model, self.device
         B = len(prompts)
-        # Consecutive rows with the same prompt share one prefill.
         firsts = [i for i in range(B) if i == 0 or prompts[i] != prompts[i - 1]]
         counts = torch.tensor([b - a for a, b in zip(firsts, firsts[1:] + [B])], device=device)
-        ids, mask = left_pad([prompts[i] for i in firsts], self.pad_id, device)
+        unique = [prompts[i] for i in firsts]
+        k = common_prefix_length(unique) if len(unique) > 1 else 0
+        rest, rest_mask = left_pad([u[k:] for u in unique], self.pad_id, device)
+        prefix = torch.tensor([unique[0][:k]], dtype=torch.long, device=device).expand(len(unique), k)
+        ids = torch.cat([prefix, rest], dim=1)
+        mask = torch.cat([torch.ones_like(prefix), rest_mask], dim=1)
         P = ids.shape[1]
         total = P + max_new_tokens
-        attn = torch.zeros((len(firsts), total), dtype=torch.long, device=device)
+        attn = torch.zeros((len(unique), total), dtype=torch.long, device=device)
         attn[:, :P] = mask
         if streamer is not None:
             streamer.put(ids.cpu())
@@ -218,7 +226,11 @@ class RolloutEngine:
         if max_new_tokens == 0:
             return [[] for _ in prompts], [False] * B, [lp[i, :0] for i in range(B)]
         cache = StaticCache(config=model.config, max_cache_len=total)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        if k:
+            model.get_decoder()(input_ids=prefix[:1], position_ids=torch.arange(k, device=device)[None],
+                                past_key_values=cache, use_cache=True)  # no LM head: the prefix needs no logits
+            select_cache_rows(cache, torch.zeros(len(unique), dtype=torch.long, device=device))
+        logits = model(input_ids=rest, attention_mask=attn, position_ids=k + (rest_mask.cumsum(1) - 1).clamp(min=0),
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         if len(firsts) < B:
             expand = torch.repeat_interleave(torch.arange(len(firsts), device=device), counts)
@@ -275,6 +287,15 @@ class RolloutEngine:
         lengths, ended = lengths.tolist(), ended_by_eos.tolist()
         return ([new[i, :lengths[i]].tolist() for i in range(B)], ended,
                 [lp[i, :lengths[i]].clone() for i in range(B)])
+
+
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving at least one token of each row after the prefix."""
+    k = min(len(r) for r in rows) - 1
+    for i in range(max(k, 0)):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return max(k, 0)
 
 
 def select_cache_rows(cache, index: torch.Tensor) -> None:

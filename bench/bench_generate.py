@@ -1,0 +1,141 @@
+"""Benchmark generation on the embedded model: the rollout engine against transformers `generate`,
+and both against the machine's limits, all measured in the same run.
+
+    make bench        (or: python bench/bench_generate.py [--quick] [--threads 2] [--new-tokens 32])
+
+Sampled at temperature 1 (no top-k/top-p), a fixed number of new tokens (EOS suppressed), the
+same prompts for every path, at each batch size:
+  (a) `model.generate` on the PEFT-wrapped model (a LoRA adapter, r 8 on q/v): the path before the engine
+  (b) `model.generate` on the merged weights (a plain model)
+  (c) `RolloutEngine(policy).generate` (LoRA merged into its generation copy)
+  (d) with --continuous-batching: transformers' `generate_batch` (paged cache) on the merged weights
+Machine limits, measured here: memory copy GB/s -> weight-read tokens/s (batch x bandwidth / weight
+bytes, the bound while decoding is memory-bound) and matmul GFLOP/s -> compute tokens/s (GFLOP/s /
+2 x parameters); each figure is also printed as a share of min(weight-read, compute).
+Prints figures, not a test. Targets: (c) >= 2x (a) at batch 32 and 64; (c) at batch 1 >= 60% of
+the weight-read limit. Other work on the machine moves the absolute figures; compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain step by step how to return a pair of shoes bought online.",
+    "Describe the water cycle to a ten-year-old.",
+    "List some tips for staying productive while working from home, with a sentence on each.",
+    "Write a polite email asking a customer for their order number.",
+    "Explain why the sky is blue.",
+    "Describe a perfect weekend in the mountains.",
+    "Give advice to someone starting to learn the guitar.",
+]
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def machine_limits(repeats: int) -> tuple[float, float]:
+    """(memory copy GB/s: bytes copied per second of a 256 MB copy, matmul GFLOP/s: 2048^3 fp32)."""
+    import torch
+
+    src, dst = torch.ones(64 * 2**20), torch.empty(64 * 2**20)
+    copy_s = best_time(lambda: dst.copy_(src), repeats + 2)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    mm_s = best_time(lambda: a @ b, repeats + 2)
+    return src.numel() * 4 / copy_s / 1e9, 2 * 2048**3 / mm_s / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per figure; the fastest is kept")
+    ap.add_argument("--quick", action="store_true", help="batches 1 and 32, 16 new tokens")
+    ap.add_argument("--continuous-batching", action="store_true", help="also time transformers' generate_batch")
+    args = ap.parse_args()
+    if args.quick:
+        args.batches, args.new_tokens = "1,32", 16
+
+    import torch
+    from transformers import GenerationConfig
+
+    from alignkit.models import attach_lora, load_model, merge_lora
+    from alignkit.models.generation import left_pad
+    from alignkit.models.rollout import RolloutEngine, encode_prompts
+
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU, load average {load:.1f} at start\n")
+
+    bandwidth, gflops = machine_limits(args.repeats)
+    base, tok = load_model("embedded", device="cpu")
+    params = sum(p.numel() for p in base.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    flop_per_token = 2 * params
+    print("## Machine limits (this run)")
+    print(f"memory copy {bandwidth:.1f} GB/s; {weight_bytes / 1e6:.0f} MB of weights read per decode step"
+          f" -> {bandwidth * 1e9 / weight_bytes:.1f} tokens/s per row of the batch")
+    print(f"matmul {gflops:.0f} GFLOP/s; {flop_per_token / 1e9:.2f} GFLOP per token -> "
+          f"{gflops * 1e9 / flop_per_token:.0f} tokens/s\n")
+
+    policy = attach_lora(base, r=8, alpha=16, dropout=0.0).eval()  # as the PPO recipe's policy
+    merged, _ = load_model("embedded", device="cpu")
+    merged = merge_lora(attach_lora(merged, r=8, alpha=16, dropout=0.0)).eval()
+    engine = RolloutEngine(policy, tok)
+    n, eos = args.new_tokens, tok.eos_token_id
+
+    def no_eos(input_ids, scores):
+        scores[:, eos] = float("-inf")
+        return scores
+
+    config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
+                              top_p=1.0, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+
+    def hf(model, ids, mask):
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+    def eng(prompts):
+        def run():
+            out = engine.generate(prompts, max_new_tokens=n, temperature=1.0, seed=0, logits_processor=no_eos)
+            assert all(len(t) == n for t in out.tokens)
+        return run
+
+    def cb(prompt_ids):
+        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
+                               top_p=1.0, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        return lambda: merged.generate_batch(prompt_ids, generation_config=cfg)
+
+    print(f"## Tokens/s, sampled at T=1, {n} new tokens per row (share of the limit at that batch)")
+    header = f"{'batch':>5} {'limit':>7} {'(a) peft':>16} {'(b) merged':>16} {'(c) engine':>16}"
+    print(header + (f" {'(d) gen_batch':>16}" if args.continuous_batching else "") + f" {'c/a':>6} {'c/b':>6}")
+    engine.generate(PROMPTS[:2], max_new_tokens=2)  # warm-up
+    for batch in [int(b) for b in args.batches.split(",")]:
+        prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
+        prompt_ids = encode_prompts(tok, prompts, chat=True)
+        ids, mask = left_pad(prompt_ids, tok.pad_token_id, "cpu")
+        limit = min(batch * bandwidth * 1e9 / weight_bytes, gflops * 1e9 / flop_per_token)
+        runs = {"a": hf(policy, ids, mask), "b": hf(merged, ids, mask), "c": eng(prompts)}
+        if args.continuous_batching:
+            runs["d"] = cb(prompt_ids)
+        rate = {k: batch * n / best_time(fn, args.repeats) for k, fn in runs.items()}
+        cells = " ".join(f"{rate[k]:8.1f} ({rate[k] / limit:4.0%})" for k in runs)
+        print(f"{batch:5d} {limit:7.0f} {cells} {rate['c'] / rate['a']:5.2f}x {rate['c'] / rate['b']:5.2f}x",
+              flush=True)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; limits and paths were measured in this run.")
+    print("targets: c/a >= 2x at batch 32 and 64; (c) at batch 1 >= 60% of its limit")
+
+
+if __name__ == "__main__":
+    main()
