@@ -133,13 +133,15 @@ def plot_gold_proxy(runs: list[TrainingRun], path: Path) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 3.8), squeeze=False)
     for ax, run in zip(axes[0], runs):
         steps = [r["step"] for r in run.probes]
-        ax.plot(steps, [r["probe_proxy"] for r in run.probes], marker="o", color="tab:blue", label="proxy")
+        lines = ax.plot(steps, [r["probe_proxy"] for r in run.probes], marker="o", color="tab:blue", label="proxy")
         ax.set(title=f"{run.name}: held-out probe", xlabel="step")
         ax.set_ylabel("proxy (training reward)", color="tab:blue")
         if any("probe_gold" in r for r in run.probes):
             gold = ax.twinx()
-            gold.plot(steps, [r.get("probe_gold") for r in run.probes], marker="s", color="tab:green", label="gold")
+            lines += gold.plot(steps, [r.get("probe_gold") for r in run.probes], marker="s", color="tab:green",
+                               linestyle="--", label="gold")
             gold.set_ylabel("gold judge", color="tab:green")
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
