@@ -1,7 +1,7 @@
 """What the online RL recipes (PPO, GRPO) share: sampling a step's rows on the rollout engine, the
 trainer's log-probs of them, scoring, a held-out probe, per-phase timings and the step's record.
 
-Plain functions and two small classes the recipes call in order; each recipe keeps its own loop.
+Plain functions and small classes the recipes call in order; each recipe keeps its own loop.
 """
 
 from __future__ import annotations
