@@ -24,16 +24,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain step by step how to return a pair of shoes bought online.",
-    "Describe the water cycle to a ten-year-old.",
-    "List some tips for staying productive while working from home, with a sentence on each.",
-    "Write a polite email asking a customer for their order number.",
-    "Explain why the sky is blue.",
-    "Describe a perfect weekend in the mountains.",
-    "Give advice to someone starting to learn the guitar.",
-]
+from bench_models import PROMPTS  # the same prompts as the model benchmark (bench/ is on the path)
 
 
 def best_time(fn, repeats: int) -> float:

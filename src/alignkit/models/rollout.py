@@ -204,8 +204,6 @@ class RolloutEngine:
 
         Cache columns: [0, k) the common prefix, [k, P) the rest of each prompt, left-padded, then the
         new tokens; positions follow the attention mask, so the padding between changes nothing."""
-        from transformers import StaticCache
-
         model, device = self.model, self.device
         B = len(prompts)
         firsts = [i for i in range(B) if i == 0 or prompts[i] != prompts[i - 1]]
@@ -225,12 +223,12 @@ class RolloutEngine:
         lp = torch.zeros((B, max_new_tokens), dtype=torch.float32)
         if max_new_tokens == 0:
             return [[] for _ in prompts], [False] * B, [lp[i, :0] for i in range(B)]
-        cache = StaticCache(config=model.config, max_cache_len=total)
+        cache = filled_static_cache(model.config, total)
         if k:
             model.get_decoder()(input_ids=prefix[:1], position_ids=torch.arange(k, device=device)[None],
                                 past_key_values=cache, use_cache=True)  # no LM head: the prefix needs no logits
             select_cache_rows(cache, torch.zeros(len(unique), dtype=torch.long, device=device))
-        logits = model(input_ids=rest, attention_mask=attn, position_ids=k + (rest_mask.cumsum(1) - 1).clamp(min=0),
+        logits = model(input_ids=rest, attention_mask=attn[:, :P], position_ids=k + (rest_mask.cumsum(1) - 1).clamp(min=0),
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         if len(firsts) < B:
             expand = torch.repeat_interleave(torch.arange(len(firsts), device=device), counts)
@@ -277,8 +275,9 @@ class RolloutEngine:
                 rows, tok, attn, next_pos = rows[keep], tok[keep], attn[keep], next_pos[keep]
                 select_cache_rows(cache, keep)
             attn[:, P + step] = 1
-            # The decode step's mask, built here rather than by transformers at every step: (rows, 1, 1, total).
-            logits = model(input_ids=tok[:, None], attention_mask=attn.bool()[:, None, None, :],
+            # The decode step's mask over the filled cache columns, built here rather than by transformers
+            # at every step: (rows, 1, 1, P + step + 1).
+            logits = model(input_ids=tok[:, None], attention_mask=attn[:, None, None, :P + step + 1].bool(),
                            position_ids=(next_pos + step)[:, None], past_key_values=cache, use_cache=True,
                            logits_to_keep=1).logits[:, -1]
         if streamer is not None:
@@ -287,6 +286,29 @@ class RolloutEngine:
         lengths, ended = lengths.tolist(), ended_by_eos.tolist()
         return ([new[i, :lengths[i]].tolist() for i in range(B)], ended,
                 [lp[i, :lengths[i]].clone() for i in range(B)])
+
+
+def filled_static_cache(config, max_len: int):
+    """transformers' StaticCache (preallocated, written in place) whose full-attention layers hand
+    attention only the columns filled so far, not all `max_len` of them."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    class FilledStaticLayer(StaticLayer):
+        filled = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            self.filled += key_states.shape[-2]
+            return keys[:, :, :self.filled], values[:, :, :self.filled]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.filled + query_length, 0
+
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    cache.layers = [FilledStaticLayer(max_cache_len=max_len) if type(layer) is StaticLayer else layer
+                    for layer in cache.layers]
+    return cache
 
 
 def common_prefix_length(rows: list[list[int]]) -> int:
