@@ -46,7 +46,7 @@ def test_pal_fenced_code_runs_behind_the_boundary():
     require_sandbox()
     backend = ScriptedBackend(["```python\n# 17 times 23\nanswer = 17 * 23\n```", "17 * 23 is 391."])
     result = run_pal(backend, "What is 17 * 23?")
-    assert result.ok and result.answer == 391 and result.answer_source == "answer"
+    assert result.ok and result.answer == 391
     assert result.sandbox.sandboxed and result.final_answer == "17 * 23 is 391."
     assert len(backend.calls) == 2 and "391" in backend.calls[1][-1]["content"]
     assert backend.calls[0][0]["role"] == "system" and backend.calls[0][-1]["content"] == "What is 17 * 23?"
@@ -60,13 +60,17 @@ def test_pal_code_really_runs_in_the_box():
     assert result.answer == ["sandbox", os.getuid() if os.getuid() != 0 else 65534]
 
 
-def test_pal_missing_answer_falls_back_to_printed_then_last_variable():
+def test_a_program_that_never_sets_answer_fails_and_is_retried_with_the_reason():
+    """No guessing from printed lines or the last variable: the retry runs, and if it also fails, it says so."""
     require_sandbox()
-    printed = run_pal(ScriptedBackend(["```python\ntotal = 6 * 7\nprint('result:')\nprint(total)\n```", "42"]), "q")
-    assert (printed.answer, printed.answer_source) == (42, "printed")
-    last = run_pal(ScriptedBackend(["apples = 3\npears = apples * 5", "15"]), "q")
-    assert (last.answer, last.answer_source) == (15, "last_variable")
-    assert last.attempts[0].executed_code.endswith("answer = pears\n")
+    backend = ScriptedBackend(["```python\ntotal = 6 * 7\nprint(total)\n```", "```python\nanswer = 6 * 7\n```", "42"])
+    result = run_pal(backend, "q", max_retries=1)
+    assert result.ok and result.answer == 42
+    assert [a.error_kind for a in result.attempts] == ["no_answer", None]
+    assert "never sets the variable answer" in backend.calls[1][-1]["content"]
+    failed = run_pal(ScriptedBackend(["apples = 3\npears = apples * 5", "x = 1\ny = 2"]), "q", max_retries=1)
+    assert not failed.ok and failed.answer is None and failed.final_answer is None
+    assert failed.error.startswith("no answer after 2 attempts: the program never sets")
 
 
 def test_pal_retries_after_a_syntax_error_with_the_error_fed_back():
@@ -83,8 +87,9 @@ def test_pal_retries_after_a_syntax_error_with_the_error_fed_back():
 @pytest.mark.parametrize("reply, kind, message", [
     ("I don't know.", "no_code", "contains no Python code"),
     ("```python\nanswer = 1 / 0\n```", "runtime_error", "ZeroDivisionError"),
-    ("```python\nwhile True:\n    pass\n```", "timeout", "limit"),
-    ("```python\nprint()\n```", "no_answer", "produced no result"),
+    ("```python\nwhile True:\n    pass\nanswer = 1\n```", "timeout", "limit"),
+    ("```python\nprint()\n```", "no_answer", "never sets the variable answer"),
+    ("```python\nanswer = None\n```", "no_answer", "left answer set to None"),
 ])
 def test_pal_failures_become_clear_messages_and_retries_are_bounded(reply, kind, message):
     require_sandbox()

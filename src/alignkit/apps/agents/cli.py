@@ -52,9 +52,13 @@ def cot(
                      max_tokens=max_tokens, temperature=temperature)
     if as_json:
         print(json.dumps(result.to_dict()))
+        if result.answer is None:
+            raise typer.Exit(1)
         return
     print(result.reasoning)
     print(f"\nanswer: {result.answer if result.answer is not None else '(none found)'}  (method: {result.method})")
+    if result.answer is None:
+        raise typer.Exit(1)
 
 
 def pal(
@@ -62,8 +66,10 @@ def pal(
     model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP),
     base_url: Optional[str] = typer.Option(None, help=BASE_URL_HELP),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help=API_KEY_ENV_HELP),
-    max_retries: int = typer.Option(1, help="How many times a failed program (no code, syntax error, "
-                                    "exception, timeout, no answer) goes back to the model with the error."),
+    max_retries: int = typer.Option(2, help="How many times a failed program (no code, syntax error, "
+                                    "exception, timeout, no `answer`) goes back to the model with the error."),
+    constrained: bool = typer.Option(False, "--constrained", help="Decode the program under a grammar "
+                                     "(comments, arithmetic assignments, a last `answer = ...` line); local models only."),
     timeout: float = typer.Option(5.0, help="Wall-clock limit per program run, in seconds."),
     max_tokens: int = typer.Option(256, help="Most tokens per model reply."),
     temperature: float = typer.Option(0.0, help="0 for greedy decoding; >0 samples."),
@@ -75,15 +81,16 @@ def pal(
 
     The model writes a program (reasoning as # comments, arithmetic as code, the result in a
     variable `answer`); the program runs behind the OS sandbox (see `alignkit sandbox run --help`);
-    the model then states the computed result as a sentence. Exit status 1 when no attempt produced
-    an answer. Prompt: alignkit/prompts/pal_few_shot.yaml.
+    the model then states the computed result as a sentence. A program that does not set `answer`
+    has failed and is retried; exit status 1 when no attempt produced an answer.
+    Prompt: alignkit/prompts/pal_few_shot.yaml.
 
     Example: alignkit pal "What is 17 * 23?"   (the model alone says 381; the program computes 391)
     """
     from alignkit.apps.agents.pal import run_pal
 
     result = run_pal(make_backend(model, base_url, api_key_env, device), question, max_retries=max_retries,
-                     max_tokens=max_tokens, temperature=temperature, timeout_s=timeout)
+                     max_tokens=max_tokens, temperature=temperature, timeout_s=timeout, constrained=constrained)
     if as_json:
         print(json.dumps(result.to_dict(), default=str))
     else:
@@ -92,7 +99,7 @@ def pal(
             if attempt.error:
                 print(f"--- failed ({attempt.error_kind}): {attempt.error}")
         if result.ok:
-            print(f"--- computed ({result.answer_source}): {json.dumps(result.answer, default=str)}")
+            print(f"--- computed: answer = {json.dumps(result.answer, default=str)}")
             print(result.final_answer)
         else:
             print(f"error: {result.error}")

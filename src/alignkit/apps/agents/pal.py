@@ -6,14 +6,20 @@ The loop, top to bottom, in `run_pal`:
    steps as comments, computations as code, the result stored in `answer`.
 2. Extract the code from the reply (`extract_code`) and run it in the sandbox (an OS boundary: the
    code is untrusted).
-3. If that failed (no code, syntax error, exception, time or memory limit, no answer), feed the
-   error back to the model and ask again, at most `max_retries` more times.
+3. If that failed (no code, syntax error, exception, time or memory limit, or no `answer`), feed
+   the error back to the model and ask again, at most `max_retries` more times; if every attempt
+   failed, say so (`PalResult.error`; the command exits non-zero).
 4. Give the question and the computed result to the model, which writes the final answer sentence.
 
-Where the result comes from (`PalResult.answer_source`): the program's `answer` variable; if the
-program never assigns `answer`, the last line it printed; if it printed nothing, the last variable
-it assigned at top level (the program is run with `answer = <that variable>` appended, recorded in
-`Attempt.executed_code`).
+The result is the program's `answer` variable and nothing else. A program that never sets it has
+failed, even if it printed something or assigned other variables: guessing which of its values was
+meant (the last one assigned, the last line printed) turned wrong programs into confident wrong
+answers, and kept the retry from ever running.
+
+With `constrained` (local models only), the program is decoded under `PROGRAM_PATTERN`: comment
+lines and `name = arithmetic` lines, ending with an `answer = ...` line. The model cannot then
+write prose, call functions or forget `answer`; what it can still get wrong is which numbers it
+combines.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from pathlib import Path
 from alignkit.apps.agents.backends import ChatBackend
 from alignkit.apps.agents.cot import PROMPTS_DIR, few_shot_messages, load_prompt_file
 from alignkit.apps.agents.sandbox import SandboxResult, run_code
+from alignkit.errors import AlignkitError
+from alignkit.models.constrained import regex_grammar
 
 PAL_FILE: Path = PROMPTS_DIR / "pal_few_shot.yaml"
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -68,29 +76,9 @@ def extract_code(reply: str) -> str | None:
     return None
 
 
-def last_assigned_name(tree: ast.Module) -> str | None:
-    """The name assigned by the last top-level assignment (x = ..., x += ..., x: int = ...)."""
-    for statement in reversed(tree.body):
-        targets = (statement.targets if isinstance(statement, ast.Assign)
-                   else [statement.target] if isinstance(statement, (ast.AugAssign, ast.AnnAssign)) else [])
-        for target in reversed(targets):
-            if isinstance(target, ast.Name):
-                return target.id
-    return None
-
-
 def _assigns_answer(tree: ast.Module) -> bool:
     return any(isinstance(n, ast.Name) and n.id == "answer" and isinstance(n.ctx, ast.Store)
                for n in ast.walk(tree))
-
-
-def _parse_printed(line: str):
-    for kind in (int, float):
-        try:
-            return kind(line.replace(",", ""))
-        except ValueError:
-            pass
-    return line
 
 
 @dataclass
@@ -99,8 +87,6 @@ class Attempt:
     """The model's whole reply."""
     code: str | None
     """The program extracted from it; None when there was none."""
-    executed_code: str | None = None
-    """What ran in the sandbox: `code`, plus `answer = <last variable>` when needed (see module docstring)."""
     sandbox: SandboxResult | None = None
     error_kind: str | None = None
     """None on success, else "no_code", "syntax_error", "runtime_error", "timeout", "limit" or "no_answer"."""
@@ -117,8 +103,6 @@ class PalResult:
     sandbox: SandboxResult | None = None
     answer: object = None
     """The computed result: a number, string or JSON value; None when every attempt failed."""
-    answer_source: str | None = None
-    """"answer", "printed" or "last_variable" (see the module docstring)."""
     final_answer: str | None = None
     """The model's answer sentence, written from `answer`; None when every attempt failed."""
     error: str | None = None
@@ -132,26 +116,26 @@ class PalResult:
         return {"ok": self.ok, **asdict(self)}
 
 
-def _run_attempt(reply: str, timeout_s: float, memory_mb: int) -> tuple[Attempt, str | None]:
-    """Extract, check and run the program in `reply`; the Attempt and where its answer came from."""
+def _run_attempt(reply: str, timeout_s: float, memory_mb: int) -> Attempt:
+    """Extract, check and run the program in `reply`; the Attempt says how it went."""
     code = extract_code(reply)
     attempt = Attempt(reply=reply, code=code)
     if code is None:
         attempt.error_kind = "no_code"
         attempt.error = "the reply contains no Python code; write the program in a ```python block"
-        return attempt, None
+        return attempt
     try:
         tree = ast.parse(code)
     except SyntaxError as e:
         attempt.error_kind = "syntax_error"
         attempt.error = f"SyntaxError on line {e.lineno}: {e.msg}: {(e.text or '').strip()}"
-        return attempt, None
-    executed = code
-    fallback_name = None if _assigns_answer(tree) else last_assigned_name(tree)
-    if fallback_name is not None:
-        executed = f"{code}\nanswer = {fallback_name}\n"
-    attempt.executed_code = executed
-    result = run_code(executed, timeout_s=timeout_s, memory_mb=memory_mb)
+        return attempt
+    if not _assigns_answer(tree):
+        # Not run: whatever it computes, nothing says which value is the answer.
+        attempt.error_kind = "no_answer"
+        attempt.error = "the program never sets the variable answer; end it with a line answer = ..."
+        return attempt
+    result = run_code(code, timeout_s=timeout_s, memory_mb=memory_mb)
     attempt.sandbox = result
     if not result.ok:
         attempt.error_kind = {"wall": "timeout", "cpu": "timeout", None: "runtime_error"}.get(result.limit, "limit")
@@ -159,46 +143,56 @@ def _run_attempt(reply: str, timeout_s: float, memory_mb: int) -> tuple[Attempt,
         attempt.error = result.error or (detail[0] if detail else "the program failed")
         if attempt.error_kind == "timeout":
             attempt.error += "; the program must finish within a few seconds"
-        return attempt, None
-    if fallback_name is None and result.result is not None:
-        return attempt, "answer"
-    if result.stdout.strip():
-        return attempt, "printed"
-    if fallback_name is not None and result.result is not None:
-        return attempt, "last_variable"
-    attempt.error_kind = "no_answer"
-    attempt.error = "the program ran but produced no result; store the final result in a variable named answer"
-    return attempt, None
+        return attempt
+    if result.result is None:
+        attempt.error_kind = "no_answer"
+        attempt.error = "the program ran but left answer set to None; store the final result in answer"
+    return attempt
 
 
-def run_pal(backend: ChatBackend, question: str, *, max_retries: int = 1, max_tokens: int = 256,
-            temperature: float = 0.0, timeout_s: float = 5.0, memory_mb: int = 256) -> PalResult:
+PROGRAM_PATTERN = (r"(# [^\n]*\n|[a-z_][a-z0-9_]* = [-+*/%(). 0-9a-z_]+\n){0,16}"
+                   r"answer = [-+*/%(). 0-9a-z_]+\n?")
+"""The programs constrained PAL may write: comments, arithmetic assignments, a last `answer = ...` line."""
+
+
+def run_pal(backend: ChatBackend, question: str, *, max_retries: int = 2, max_tokens: int = 256,
+            temperature: float = 0.0, timeout_s: float = 5.0, memory_mb: int = 256,
+            constrained: bool = False, answer_sentence: bool = True) -> PalResult:
     """Answer `question` by having the model write a program that the sandbox runs (see the module docstring).
 
     Failures of the model's program become error messages fed back to the model, at most
     `max_retries` times; a sandbox that cannot start (SandboxUnavailable) is raised, not retried.
+    `constrained` decodes the program under PROGRAM_PATTERN (local models only); without
+    `answer_sentence` the model is not asked to phrase the computed result.
     """
+    from alignkit.apps.agents.backends import LocalBackend
+
     prompt = load_prompt_file(PAL_FILE, ("system", "user", "examples", "retry", "answer_system", "answer_user"))
     messages = few_shot_messages(prompt, question, "code", fence="python")
+    grammar = None
+    if constrained:
+        if not isinstance(backend, LocalBackend):
+            raise AlignkitError("constrained PAL needs a local model; a served model gets the plain prompt")
+        grammar = regex_grammar(PROGRAM_PATTERN)
     out = PalResult(question=question)
     for _ in range(1 + max_retries):
-        reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature)
-        attempt, source = _run_attempt(reply, timeout_s, memory_mb)
+        if grammar is not None:
+            reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature, grammar=grammar)
+        else:
+            reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature)
+        attempt = _run_attempt(reply, timeout_s, memory_mb)
         out.attempts.append(attempt)
         out.code, out.sandbox = attempt.code, attempt.sandbox
         if attempt.error is None:
-            if source == "printed":
-                last_line = [line for line in attempt.sandbox.stdout.splitlines() if line.strip()][-1]
-                out.answer = _parse_printed(last_line.strip())
-            else:
-                out.answer = attempt.sandbox.result
-            out.answer_source = source
+            out.answer = attempt.sandbox.result
             break
         messages = messages + [{"role": "assistant", "content": reply},
                                {"role": "user", "content": prompt["retry"].format(error=attempt.error)}]
     else:
         tries = len(out.attempts)
         out.error = f"no answer after {tries} attempt{'s' if tries > 1 else ''}: {out.attempts[-1].error}"
+        return out
+    if not answer_sentence:
         return out
     answer_messages = [
         {"role": "system", "content": prompt["answer_system"]},

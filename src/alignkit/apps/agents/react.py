@@ -32,10 +32,13 @@ from alignkit.apps.agents.cot import PROMPTS_DIR, load_prompt_file
 from alignkit.apps.agents.tools import Tool, ToolArgumentError
 from alignkit.apps.agents.trace import TraceLog
 from alignkit.errors import AlignkitError
+from alignkit.models.constrained import COMPACT_JSON, json_string, lark_grammar
 
 REACT_FEW_SHOT_FILE = PROMPTS_DIR / "react_few_shot.yaml"
 PROMPT_KEYS = ("system", "user", "observation", "format_error", "unknown_tool", "tool_error", "repeated_call")
 STOP = ["Observation:"]
+MAX_LINE_CHARS = 160
+"""Longest Plan, Thought or Final Answer line a constrained reply may write."""
 
 _LABEL = re.compile(r"^[ \t]*(Plan|Thought|Action Input|Action|Final Answer)[ \t]*:[ \t]*", re.MULTILINE | re.IGNORECASE)
 _FENCE = re.compile(r"^```[\w-]*\s*\n?(.*?)\n?```$", re.DOTALL)
@@ -197,6 +200,26 @@ def scratchpad_messages(prompt: dict, steps: list[AgentStep]) -> list[dict]:
     return messages
 
 
+def step_grammar(tools: list[Tool], *, plan: bool, final: bool) -> str:
+    """The grammar of one agent reply: an optional Plan line (with `plan`), a Thought line (no "="), then an Action
+    naming one of `tools` with an Action Input valid for that tool's JSON schema, or (with `final`)
+    a Final Answer line. Decoding under it, a reply cannot be in the wrong format, name a tool that
+    does not exist, give arguments that do not fit, or go on to write an observation.
+    """
+    calls = " | ".join(f'"Action: " {json_string(t.name)} "\\nAction Input: " args_{i}' for i, t in enumerate(tools))
+    rules = [f"start: {'plan? ' if plan else ''}\"Thought: \" THOUGHT \"\\n\" {'(call | final)' if final else 'call'}",
+             'plan: "Plan: " LINE "\\n"',
+             f"call: {calls}",
+             'final: "Final Answer: " LINE',
+             # Bounded, so that a model that rambles is made to come to the point within max_tokens.
+             f"LINE: /[^\\n]{{1,{MAX_LINE_CHARS}}}/",
+             # A thought says what to do next; computing is the tools' work. A small model that
+             # writes "= <result>" in its thought has guessed the result, then copies the guess.
+             f"THOUGHT: /[^\\n=]{{1,{MAX_LINE_CHARS}}}/"]
+    rules += [f"args_{i}: %json {json.dumps({**t.parameters, 'x-guidance': COMPACT_JSON})}" for i, t in enumerate(tools)]
+    return lark_grammar("\n".join(rules))
+
+
 def prompt_tokens(backend: ChatBackend, messages: list[dict]) -> int | None:
     """Tokens of the prompt for a local model; None for a served one, whose tokenizer we do not have."""
     if not isinstance(backend, LocalBackend):
@@ -210,12 +233,18 @@ def prompt_tokens(backend: ChatBackend, messages: list[dict]) -> int | None:
 def run_agent(backend: ChatBackend, tools: list[Tool], question: str, *, max_steps: int = 8,
               max_parse_retries: int = 2, max_repeated_calls: int = 2, trace_path: Path | None = None,
               prompt: Path | dict = REACT_FEW_SHOT_FILE, max_tokens: int = 256,
-              temperature: float = 0.0) -> AgentResult:
+              temperature: float = 0.0, constrained: bool = True,
+              tool_choice: str = "auto") -> AgentResult:
     """Answer `question` with a ReAct loop over `tools`; the behaviour is described in the module docstring.
 
     `prompt` is a prompt YAML file or its already loaded content. With `trace_path`, every step is
-    appended to that JSONL file as it happens (see `alignkit.apps.agents.trace`).
+    appended to that JSONL file as it happens (see `alignkit.apps.agents.trace`). With `constrained`
+    and a local model, every reply is decoded under `step_grammar`; served models get the text
+    protocol and its checks. `tool_choice` "required" makes the first reply a tool call (as in
+    OpenAI's API): a small model otherwise often "answers" an arithmetic question from memory.
     """
+    if tool_choice not in ("auto", "required"):
+        raise AlignkitError(f"tool_choice must be 'auto' or 'required', got {tool_choice!r}")
     if max_steps < 1:
         raise AlignkitError(f"max_steps must be at least 1, got {max_steps}")
     tools_by_name = {t.name: t for t in tools}
@@ -231,6 +260,10 @@ def run_agent(backend: ChatBackend, tools: list[Tool], question: str, *, max_ste
     if trace:
         trace.start(question, list(tools_by_name), max_steps)
 
+    grammars = None
+    if constrained and isinstance(backend, LocalBackend):
+        grammars = {first: step_grammar(tools, plan=first, final=not (first and tool_choice == "required"))
+                    for first in (True, False)}
     steps: list[AgentStep] = []
     calls: dict[tuple[str, str], AgentStep] = {}  # (tool, arguments as JSON) -> the step that made the call
     plan, status, format_errors_in_a_row, repeats = None, "step_limit", 0, 0
@@ -238,7 +271,11 @@ def run_agent(backend: ChatBackend, tools: list[Tool], question: str, *, max_ste
         while len(steps) < max_steps:
             messages = head + scratchpad_messages(prompt, steps)
             started = time.perf_counter()
-            reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature, stop=STOP)
+            if grammars:
+                reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature,
+                                     grammar=grammars[not steps])
+            else:
+                reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature, stop=STOP)
             # Servers that ignore `stop` would let the model write its own (invented) observation.
             output = cut_at_stop(reply, STOP).strip()
             step = AgentStep(step=len(steps) + 1, output=output,

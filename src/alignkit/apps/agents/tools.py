@@ -267,6 +267,11 @@ def calculator(expression: str) -> str:
     return str(value)
 
 
+# What an expression may contain, as a JSON-schema pattern: a model decoding under the tool's schema
+# (alignkit.models.constrained) can then only write arithmetic here, not "12.5% of 368".
+calculator.parameters["properties"]["expression"].update(pattern=r"^[0-9.+\-*/() ]+$", maxLength=200)
+
+
 @tool
 def python(code: str, timeout_s: float = 5.0) -> str:
     """Run a Python program in an isolated sandbox and report its output and its `answer` variable.
