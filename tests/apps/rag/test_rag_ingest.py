@@ -204,3 +204,26 @@ def test_any_local_sentence_transformers_folder_can_embed(tmp_path, embedder):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="not a sentence-transformers model folder"):
         Embedder(tmp_path / "empty")
+
+
+def test_cli_names_the_guessed_encoding_and_exits_3_for_a_damaged_source(tmp_path, tiny_model_dir):
+    """`rag ingest` as a user runs it: the Latin-1 file is read (its guessed encoding named), the CSV
+    rows around a quote that never closes are indexed, the binary file is named, and the exit code
+    is 3 because something was skipped."""
+    from typer.testing import CliRunner
+
+    from alignkit.cli import app
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "old.txt").write_bytes("Résumé of the café meeting: we open at eight.".encode("latin-1"))
+    (folder / "cities.csv").write_text('city,note\nOslo,cold\nBergen,"rainy\nTromso,dark\n', encoding="utf-8")
+    (folder / "logo.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    result = CliRunner().invoke(app, ["rag", "ingest", str(folder), "--index", str(tmp_path / "index.db"),
+                                      "--model", str(tiny_model_dir)])
+    assert result.exit_code == 3, result.output
+    assert f"read {folder / 'old.txt'} as cp1252 (not UTF-8" in result.output
+    assert f"skipped {folder / 'cities.csv'} (line 3): broken CSV row" in result.output
+    assert f"skipped {folder / 'logo.txt'}: binary file" in result.output
+    hits = search(tmp_path / "index.db", "Tromso dark", k=3, mode="bm25")
+    assert any("city: Tromso; note: dark" in h.text for h in hits)

@@ -98,7 +98,7 @@ def ingest_cmd(
     for source in tqdm(sources, desc="ingesting", unit="source", disable=None if len(sources) > 1 else True):
         report = ingest([source], index, tokenizer, embedder=embedder, config=config)
         total.index_path = report.index_path
-        for name in ("added", "updated", "unchanged", "removed", "skipped"):
+        for name in ("added", "updated", "unchanged", "removed", "skipped", "decoded"):
             getattr(total, name).extend(getattr(report, name))
         for name in ("chunks_written", "chunks_removed", "embedded", "reused_vectors", "seconds"):
             setattr(total, name, getattr(total, name) + getattr(report, name))
