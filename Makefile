@@ -78,6 +78,12 @@ clean:
 
 # The ShopBot (examples/shopbot): real SQLite, HTTP label service and SMTP server on 127.0.0.1. Uses the
 # fine-tuned adapter in runs/shopbot/final when present, else the base model (and says so).
-.PHONY: shopbot-demo
+.PHONY: shopbot-demo shopbot-train
 shopbot-demo: $(STAMP)
 	$(BIN)/python -m examples.shopbot.run_demo
+
+# Retrain the ShopBot's format adapter: synthetic traces on the real services, then LoRA SFT
+# (configs/shopbot_sft.yaml; about half an hour on 2 quiet CPU cores).
+shopbot-train: $(STAMP)
+	$(BIN)/python -m examples.shopbot.make_traces --out runs/shopbot-data
+	$(BIN)/alignkit train sft --config configs/shopbot_sft.yaml --overwrite

@@ -100,16 +100,33 @@ def generate(
     logprobs: bool = typer.Option(False, help="Include per-token log-probs (with --json)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="A JSON schema file: every "
+                                               "completion is JSON valid under it (decoded under the schema)."),
+    regex: Optional[str] = typer.Option(None, "--regex", help="Every completion fully matches this regular "
+                                        "expression, e.g. '(yes|no)' or '[0-9]{1,4}'."),
 ):
     """Generate completions for one or more prompts.
 
     Example: alignkit generate -p "Name three fruits." -p "What is 2+2?" --json
+    Structured: alignkit generate -p "A user record for Ann, 31" --json-schema user.schema.json
     """
     from alignkit.models import generate as gen, load_model
+    from alignkit.models.constrained import GrammarLogitsProcessor, json_schema_grammar, regex_grammar
+    from alignkit.models.generation import eos_ids
 
+    if json_schema is not None and regex is not None:
+        raise AlignkitError("give --json-schema or --regex, not both")
+    grammar = None
+    if json_schema is not None:
+        if not json_schema.is_file():
+            raise AlignkitError(f"--json-schema {json_schema}: no such file")
+        grammar = json_schema_grammar(json_schema.read_text())
+    elif regex is not None:
+        grammar = regex_grammar(regex)
     m, tok = load_model(model, device=device)
+    processor = GrammarLogitsProcessor(tok, grammar, eos_token_ids=eos_ids(tok, m)) if grammar else None
     out = gen(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-              top_k=top_k, seed=seed, return_logprobs=logprobs)
+              top_k=top_k, seed=seed, return_logprobs=logprobs, logits_processor=processor)
     for i, p in enumerate(prompt):
         if as_json:
             rec = {"prompt": p, "completion": out.texts[i], "tokens": out.tokens[i],

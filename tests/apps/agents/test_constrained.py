@@ -101,3 +101,26 @@ def test_a_reply_that_begins_with_the_stop_string_is_not_emptied():
 def test_calculator_schema_refuses_prose_in_the_expression():
     pattern = calculator.parameters["properties"]["expression"]["pattern"]
     assert re.fullmatch(pattern, "12.5 / 100 * 368") and not re.fullmatch(pattern, "12.5% of 368")
+
+
+def test_generate_command_with_regex_and_json_schema(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from alignkit.cli import app
+
+    runner = CliRunner()
+    base = ["generate", "-p", "the quick", "-p", "brown fox", "--model", str(tiny_model_dir), "--json",
+            "--temperature", "1.0", "--seed", "3", "--max-new-tokens", "64"]
+    result = runner.invoke(app, base + ["--regex", "(yes|no)"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 2 and all(r["completion"] in ("yes", "no") for r in records)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    result = runner.invoke(app, base + ["--json-schema", str(schema)])
+    assert result.exit_code == 0, result.output
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            assert json.loads(json.loads(line)["completion"])["size"] in ("small", "large")
+    both = runner.invoke(app, base + ["--regex", "a", "--json-schema", str(schema)])
+    assert isinstance(both.exception, AlignkitError) and "not both" in str(both.exception)  # main() exits 2

@@ -116,7 +116,8 @@ def test_prompt_fits_a_small_context_window(tmp_path, make_tiny_model):
     assert tokens == count
     assert tokens + 48 <= window
     assert passages and all(len(p.text) < len(long_text) for p in passages)
-    assert "[1] (/d/doc0.md)" in messages[-1]["content"]
+    # Passages are named by number and a short title; the model never sees a file path to copy.
+    assert "[1] doc0\n" in messages[-1]["content"] and "/d/" not in messages[-1]["content"]
     # The unconstrained prompt would not have fit: the test exercises the trimming.
     _, untrimmed, big = build_prompt("Which fox jumps?", hits, tokenizer, 100_000, 48, prompt)
     assert big + 48 > window and [p.text for p in untrimmed] == [long_text] * 4

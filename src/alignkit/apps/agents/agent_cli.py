@@ -35,7 +35,14 @@ def _module_tools(source: str) -> list[Tool]:
         # A name of its own, so two tool files called tools.py do not replace each other in sys.modules.
         spec = importlib.util.spec_from_file_location(f"alignkit_agent_tools_{abs(hash(path.resolve()))}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as e:
+            if "relative import" not in str(e):
+                raise
+            dotted = ".".join(path.with_suffix("").parts)
+            raise AlignkitError(f"--tools {source}: this file is part of a package (it imports its neighbours "
+                                f"with 'from .'); give it as a module: --tools {dotted}") from None
     else:
         try:
             module = importlib.import_module(source)
@@ -45,6 +52,11 @@ def _module_tools(source: str) -> list[Tool]:
                                     "name, a .py file or an importable module") from None
             raise
     tools = [value for value in vars(module).values() if isinstance(value, Tool)]
+    if not tools and callable(getattr(module, "make_tools", None)):
+        raise AlignkitError(f"--tools {source}: defines no ready tools; its make_tools() builds them per "
+                            "conversation, bound to services that must be running and to a signed-in "
+                            "customer, which `agent run` cannot provide. Run its own application instead "
+                            "(for the ShopBot: make shopbot-demo, or python -m examples.shopbot.run_demo).")
     if not tools:
         raise AlignkitError(f"--tools {source}: defines no tools; decorate typed, documented functions "
                             "with @tool (from alignkit.apps.agents.tools import tool)")
@@ -93,14 +105,22 @@ def run(
     max_tokens: int = typer.Option(256, help="Most tokens per model reply."),
     temperature: float = typer.Option(0.0, help="0 for greedy decoding; >0 samples."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+    constrained: bool = typer.Option(True, "--constrained/--free", help="Local models: decode every reply "
+                                     "under a grammar (Thought, then an Action with arguments valid for the "
+                                     "tool's schema, or a Final Answer), so no reply is malformed. --free: "
+                                     "plain decoding, stopped at \"Observation:\", checked after the fact."),
+    tool_choice: str = typer.Option("required", help="required: the first reply must call a tool (a small "
+                                    "model otherwise answers arithmetic from memory); auto: it may answer at "
+                                    "once. Applies to constrained local models."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: question, answer, status, "
                                  "message, plan and every step."),
 ):
     """Answer a question with a ReAct agent: Thought, Action, Observation, ..., Final Answer.
 
-    Wrong formats, unknown tools, bad arguments, failing tools and repeated calls are shown to the
-    model as observations so it can correct itself. Exit status 1 when the run ends without a final
-    answer (the step limit, too many unparseable replies or repeated calls).
+    On a local model every reply is decoded under a grammar (see --constrained). Wrong formats,
+    unknown tools, bad arguments, failing tools and repeated calls are shown to the model as
+    observations so it can correct itself. Exit status 1 when the run ends without a final answer
+    (the step limit, too many unparseable replies or repeated calls).
 
     Example: alignkit agent run --tools builtin --trace run.jsonl "What is 17 * 23 + 4?"
     """
@@ -109,7 +129,8 @@ def run(
     tool_list = load_tools(tools)
     result = run_agent(make_backend(model, base_url, api_key_env, device), tool_list, question,
                        max_steps=max_steps, max_parse_retries=max_parse_retries, trace_path=trace,
-                       prompt=prompt or REACT_FEW_SHOT_FILE, max_tokens=max_tokens, temperature=temperature)
+                       prompt=prompt or REACT_FEW_SHOT_FILE, max_tokens=max_tokens, temperature=temperature,
+                       constrained=constrained, tool_choice=tool_choice)
     if as_json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:

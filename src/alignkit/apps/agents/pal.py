@@ -150,9 +150,11 @@ def _run_attempt(reply: str, timeout_s: float, memory_mb: int) -> Attempt:
     return attempt
 
 
-PROGRAM_PATTERN = (r"(# [^\n]*\n|[a-z_][a-z0-9_]* = [-+*/%(). 0-9a-z_]+\n){0,16}"
-                   r"answer = [-+*/%(). 0-9a-z_]+\n?")
-"""The programs constrained PAL may write: comments, arithmetic assignments, a last `answer = ...` line."""
+PROGRAM_PATTERN = (r"((# [^\n]{1,80}\n)?[a-z_][a-z0-9_]{0,30} = [-+*/%(). 0-9a-z_]{1,80}\n){0,10}"
+                   r"(# [^\n]{1,80}\n)?answer = [-+*/%(). 0-9a-z_]{1,80}\n?")
+"""The programs constrained PAL may write: up to ten arithmetic assignments, each after at most one
+comment line, then `answer = ...`. One comment per statement, because a small model left free to
+comment writes "# 12 is the answer." over and over and never gets to the code."""
 
 
 def run_pal(backend: ChatBackend, question: str, *, max_retries: int = 2, max_tokens: int = 256,

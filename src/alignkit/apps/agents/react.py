@@ -37,7 +37,7 @@ from alignkit.models.constrained import COMPACT_JSON, json_string, lark_grammar
 REACT_FEW_SHOT_FILE = PROMPTS_DIR / "react_few_shot.yaml"
 PROMPT_KEYS = ("system", "user", "observation", "format_error", "unknown_tool", "tool_error", "repeated_call")
 STOP = ["Observation:"]
-MAX_LINE_CHARS = 160
+MAX_LINE_CHARS = 120
 """Longest Plan, Thought or Final Answer line a constrained reply may write."""
 
 _LABEL = re.compile(r"^[ \t]*(Plan|Thought|Action Input|Action|Final Answer)[ \t]*:[ \t]*", re.MULTILINE | re.IGNORECASE)

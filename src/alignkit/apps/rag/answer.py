@@ -169,6 +169,13 @@ def _trim(tokenizer: object, text: str, max_tokens: int) -> str:
     return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True).rstrip()  # type: ignore[attr-defined]
 
 
+def passage_title(hit: Hit) -> str:
+    """A short name for a passage in the prompt: its nearest heading, else its file name ("vacation")."""
+    if hit.heading_path:
+        return hit.heading_path[-1]
+    return Path(hit.source).stem.replace("_", " ").replace("-", " ")
+
+
 def build_prompt(
     question: str,
     hits: list[Hit],
@@ -191,7 +198,7 @@ def build_prompt(
             f"the question and instructions take {fixed} tokens; with {answer_tokens} for the answer "
             f"that exceeds the model's context window of {window}: ask a shorter question or fewer answer tokens"
         )
-    label = prompt.passage.format(n=len(hits) or 1, citation="", text="") + prompt.separator
+    label = prompt.passage.format(n=len(hits) or 1, citation="", title="", text="") + prompt.separator
     label_tokens = len(tokenizer(label, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
     passages: list[Hit] = []
     for n in range(len(hits), 0, -1):
@@ -204,7 +211,8 @@ def build_prompt(
         break
     while True:
         context = prompt.separator.join(
-            prompt.passage.format(n=i, citation=h.citation, text=h.text) for i, h in enumerate(passages, start=1)
+            prompt.passage.format(n=i, citation=h.citation, title=passage_title(h), text=h.text)
+            for i, h in enumerate(passages, start=1)
         )
         messages = _messages(prompt, question, context)
         _, count = _render(tokenizer, messages)
@@ -225,6 +233,7 @@ def answer_question(
     max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
     prompt: RagPrompt | None = None,
     embedder: Embedder | None = None,
+    max_passages: int | None = None,
 ) -> Answer:
     """Retrieve k passages for `question`; abstain below the relevance threshold, else answer with `model`.
 
@@ -232,6 +241,8 @@ def answer_question(
     are the top k hits, untrimmed (retrieval only).
     min_score: relevance threshold, default DEFAULT_MIN_SCORE[mode].
     max_new_tokens: the answer budget, reserved in the context window before passages are added.
+    max_passages: show the model only the best this many of the k hits (a small reader does better
+    with one good passage than with five); retrieval itself still returns k.
     """
     if not question.strip():
         raise AlignkitError("the question is empty")
@@ -257,7 +268,7 @@ def answer_question(
     from alignkit.models import generate, render_prompt
 
     messages, result.passages, result.prompt_tokens = build_prompt(
-        question, hits, tokenizer, context_window(model), max_new_tokens, prompt
+        question, hits[:max_passages], tokenizer, context_window(model), max_new_tokens, prompt
     )
     result.prompt = render_prompt(tokenizer, messages)
     result.answer = generate(model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=0.0).texts[0]

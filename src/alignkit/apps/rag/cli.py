@@ -146,6 +146,8 @@ def ask_cmd(
     question: str = typer.Argument(..., help="The question to answer."),
     index: Path = typer.Option(..., "--index", help="Index file written by `alignkit rag ingest`."),
     k: int = typer.Option(4, "--k", help="Passages to retrieve and put in the prompt (fewer if the context window is full)."),
+    passages: Optional[int] = typer.Option(None, "--passages", help="Show the model only the best N of the k "
+                                           "passages (a small model answers better from one good passage)."),
     mode: str = typer.Option("hybrid", help=MODE_HELP),
     model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP),
     min_score: Optional[float] = typer.Option(None, help=MIN_SCORE_HELP),
@@ -172,7 +174,7 @@ def ask_cmd(
 
         loaded = load_model(model, device=device)
     result = answer_question(index, question, *loaded, k=k, mode=mode, min_score=min_score,
-                             max_new_tokens=max_new_tokens, prompt=prompt)
+                             max_new_tokens=max_new_tokens, prompt=prompt, max_passages=passages)
     if as_json:
         print(_dump(result.to_json()))
         return
@@ -184,7 +186,10 @@ def ask_cmd(
     print("\nSources:" if result.answer is not None else "Retrieved:")
     for n, hit in result.numbered():
         mark = "*" if n in cited else " "
-        print(f"{mark}[{n}] {hit.citation}  (score {hit.score:.3f}, {hit.method})")
+        print(f"{mark}[{n}] {hit.citation}  ({hit.method} score {hit.score:.3f})")
+    # The gate's score is not the ranking score in hybrid mode (rank fusion): say which is which.
+    gate = "BM25 score of the best chunk" if mode == "bm25" else "cosine similarity of the nearest chunk"
+    print(f"relevance {result.relevance:.3f} ({gate}); abstain threshold {result.threshold:.3f} (same scale)")
 
 
 @rag_app.command("eval")
@@ -199,6 +204,8 @@ def eval_cmd(
     model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP + " (with --generate)."),
     min_score: Optional[float] = typer.Option(None, help=MIN_SCORE_HELP + " (with --generate)."),
     max_new_tokens: int = typer.Option(DEFAULT_ANSWER_TOKENS, help="Answer budget in tokens (with --generate)."),
+    passages: Optional[int] = typer.Option(None, "--passages", help="Show the model only the best N of the k "
+                                           "passages (with --generate); retrieval metrics stay @k."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {\"k\", \"mode\", \"metrics\": {\"questions\", "
                                  "\"hit_rate@k\", \"mrr\", \"recall@k\", \"abstained\", and with --generate "
                                  "\"answer_accuracy\", \"faithfulness\"}, \"questions\": [{\"line\", \"question\", "
@@ -230,7 +237,7 @@ def eval_cmd(
         report = evaluate(
             items,
             lambda item: answer_question(store, item.question, *loaded, k=k, mode=mode, min_score=min_score,
-                                         max_new_tokens=max_new_tokens, prompt=prompt),
+                                         max_new_tokens=max_new_tokens, prompt=prompt, max_passages=passages),
             k, mode, generated=generate, progress=not as_json,
         )
     if as_json:

@@ -17,7 +17,8 @@ contains the answer substring (if given), both case-insensitively. Over the top 
               single expected source (or none) it equals that question's hit
 
 With generation, `answer_accuracy` is the share of questions whose generated answer contains the
-answer substring, and `faithfulness` the share of answer sentences supported by the retrieved
+answer substring, both normalised (`normalize_answer`: case, thousands separators, punctuation and
+runs of spaces do not count), and `faithfulness` the share of answer sentences supported by the retrieved
 text (see `sentence_support`).
 """
 
@@ -152,6 +153,13 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"\w+")
 
 
+def normalize_answer(text: str) -> str:
+    """'The limit is 1,000 EUR.' -> 'the limit is 1000 eur': lower case, no thousands separators, punctuation as spaces."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
+    text = re.sub(r"(?<!\d)[.,](?!\d)|[^\w\s.,%€$]", " ", text)
+    return " ".join(text.split())
+
+
 def content_words(text: str) -> set[str]:
     """Lower-cased words minus stopwords; numbers stay, since a changed number is a changed claim."""
     return {w for w in _WORD.findall(text.lower()) if w not in STOPWORDS}
@@ -202,7 +210,7 @@ def evaluate(
         if generated:
             result.answer = asked.answer
             result.answer_correct = None if item.answer is None else (
-                not asked.abstained and item.answer.lower() in asked.answer.lower())
+                not asked.abstained and normalize_answer(item.answer) in normalize_answer(asked.answer))
             if not asked.abstained:
                 result.faithfulness, result.unsupported = faithfulness(asked.answer, [h.text for h in asked.passages])
         results.append(result)
