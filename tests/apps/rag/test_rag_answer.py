@@ -121,3 +121,21 @@ def test_prompt_fits_a_small_context_window(tmp_path, make_tiny_model):
     # The unconstrained prompt would not have fit: the test exercises the trimming.
     _, untrimmed, big = build_prompt("Which fox jumps?", hits, tokenizer, 100_000, 48, prompt)
     assert big + 48 > window and [p.text for p in untrimmed] == [long_text] * 4
+
+
+def test_answers_are_compared_normalised():
+    from alignkit.apps.rag.evaluate import normalize_answer
+
+    assert normalize_answer("The limit is 1,000 EUR.") == "the limit is 1000 eur"
+    assert normalize_answer("25 paid vacation days") in normalize_answer("You get 25 paid  vacation days [1].")
+    assert normalize_answer("2.5 km") in normalize_answer("About 2.5 km, then stop.")
+    assert normalize_answer("25 paid vacation days") not in normalize_answer("You get 20 paid vacation days.")
+
+
+def test_passages_are_titled_by_heading_else_file_name_never_by_path():
+    from alignkit.apps.rag.answer import passage_title
+
+    assert passage_title(Hit(text="t", source="/srv/docs/handbook/vacation_policy.md", score=1.0, method="dense")) \
+        == "vacation policy"
+    assert passage_title(Hit(text="t", source="/srv/x.md", score=1.0, method="dense",
+                             heading_path=("Handbook", "Vacation"))) == "Vacation"
