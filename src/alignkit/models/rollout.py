@@ -159,10 +159,11 @@ class RolloutEngine:
         streamer: a transformers streamer (batch of one row only).
         logits_processor(input_ids, scores) -> scores: applied to the raw (B, V) scores before
         sampling; input_ids (B, T) holds each row's prompt and the tokens generated so far, padded with
-        the pad token on the left of each prompt's part after the prefix all rows of the batch share. on_step(step, tokens, finished): called after every step with each row's
-        new token (B,) (the pad token for rows already done) and the finished mask (B,), over the rows
-        of the batch being decoded (all rows when batch_size is None); a returned bool mask ends those
-        rows, keeping the token of that step.
+        the pad token (on the left of each prompt's part after the prefix all rows of the batch share).
+        on_step(step, tokens, finished): called after every step with each row's new token (B,) (the
+        pad token for rows already done) and the finished mask (B,), over the rows of the batch being
+        decoded (all rows when batch_size is None); a returned bool mask ends those rows, keeping the
+        token of that step (`finished` stays True only for rows that ended with EOS).
         """
         if n < 1 or max_new_tokens < 0:
             raise ValueError("n must be >= 1 and max_new_tokens >= 0")
@@ -177,8 +178,9 @@ class RolloutEngine:
             raise ValueError("a streamer needs a batch of one row")
         size = batch_size or len(prompt_ids)
         # Group rows by prompt length so that batches carry little padding; rows are independent.
-        order = sorted(range(len(prompt_ids)), key=lambda r: len(prompt_ids[r])) if size < len(prompt_ids) \
-            else list(range(len(prompt_ids)))
+        order = list(range(len(prompt_ids)))
+        if size < len(prompt_ids):
+            order.sort(key=lambda r: len(prompt_ids[r]))
         from tqdm.auto import tqdm
 
         lps: dict[int, torch.Tensor] = {}
@@ -228,8 +230,9 @@ class RolloutEngine:
             model.get_decoder()(input_ids=prefix[:1], position_ids=torch.arange(k, device=device)[None],
                                 past_key_values=cache, use_cache=True)  # no LM head: the prefix needs no logits
             select_cache_rows(cache, torch.zeros(len(unique), dtype=torch.long, device=device))
-        logits = model(input_ids=rest, attention_mask=attn[:, :P], position_ids=k + (rest_mask.cumsum(1) - 1).clamp(min=0),
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        positions = k + (rest_mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=rest, attention_mask=attn[:, :P], position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
         if len(firsts) < B:
             expand = torch.repeat_interleave(torch.arange(len(firsts), device=device), counts)
             logits, attn, mask = logits[expand], attn[expand], mask[expand]
