@@ -117,8 +117,9 @@ def test_ppo_moves_a_synthetic_reward_the_right_way(tmp_path, peaky_model_dir, s
     40 steps the mean score of the last 10 must beat the first 10 clearly, in both directions: a flipped
     update sign would make one of the two cases fall. Measured when written: vowel share 0.093 -> 0.144
     (sign +1) and 0.088 -> 0.065 (sign -1), KL per response staying under 6 nats. On the rollout
-    engine (other random draws) 2 PPO epochs passed for 1 seed of 3 (seed 0: 0.107 -> 0.099); with
-    4 epochs seed 0 gives 0.095 -> 0.119 and seed 2 0.100 -> 0.110: this test is sensitive to its seed."""
+    engine's draws with 2 PPO epochs the outcome depended on the seed (1 of 3 passed); with 4 epochs
+    and the current per-row seeds, sign +1 over seeds 1-3: 0.099 -> 0.130, 0.091 -> 0.112,
+    0.095 -> 0.113 (seed 0 passes both signs)."""
     fn = tmp_path / "vowels.py"
     fn.write_text(VOWEL_REWARD + f"\n\ndef reward(prompts, completions):\n"
                                  f"    return [{sign} * s for s in vowel_share(prompts, completions)]\n")
