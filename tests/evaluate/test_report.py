@@ -38,6 +38,7 @@ def _ppo_and_dpo(tmp, model_dir):
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "learning_rate": 1e-2, "lr_scheduler": "constant"}
     ppo_cfg = {**common, "run_name": "ppo", "data": {"prompts": str(prompts)}, "reward": str(tmp / "rm"),
                "rollout_batch": 4, "minibatch_size": 2, "max_new_tokens": 6, "max_steps": 3, "save_every": 3,
+               "kl_estimator": "k3",  # never negative, so every step after the first exceeds the ceiling
                "monitors": {"max_kl": 1e-9, "judge": str(tmp / "gold.yaml")},
                "probe": {"prompts": str(prompts), "every": 2, "n": 3}}
     (tmp / "gold.yaml").write_text(GOLD)
@@ -70,7 +71,8 @@ def test_report_puts_ppo_and_dpo_beside_the_base(tmp_path, tiny_model_dir):
     ppo_run, dpo_run = metrics["training_runs"]["ppo"], metrics["training_runs"]["dpo"]
     assert ppo_run["recipe"] == "ppo" and ppo_run["steps"] == 3 and dpo_run["recipe"] == "dpo" and dpo_run["steps"] == 2
     # step 1 samples from the reference (KL 0); later steps exceed the 1e-9 ceiling and warn
-    assert [w["step"] for w in ppo_run["warnings"]] == [2, 3] and ppo_run["monitor_warnings"] == 2
+    kl_warnings = [w["step"] for w in ppo_run["warnings"] if w["warning"].startswith("KL to the reference")]
+    assert kl_warnings == [2, 3] and ppo_run["monitor_warnings"] == len(ppo_run["warnings"])
     md = (out / "report.md").read_text()
     assert "| reward_mean |" in md and "## Training runs" in md and "**ppo**, step 2: KL to the reference" in md
     assert md.count("\n| Where is my order? |") == 1 and "Can I return shoes?" in md.split("## Samples")[1]
