@@ -16,7 +16,7 @@ import torch
 
 from alignkit.config import ProbeSettings
 from alignkit.evaluate import monitors
-from alignkit.evaluate.monitors import distinct_n
+from alignkit.evaluate.monitors import distinct_n, mean_repetition
 from alignkit.evaluate.rewards import load_reward
 from alignkit.io import batch_seed
 from alignkit.models.generation import Generation, left_pad, tail_mask
@@ -170,7 +170,8 @@ def load_history(run_dir: Path, start_step: int) -> list[dict]:
 def batch_stats(accelerator, rollout: Rollout, raw_scores: torch.Tensor, scores: torch.Tensor,
                 kl_per_response: torch.Tensor, prompts: list, scorers: Scorers, gap: torch.Tensor) -> dict:
     """The step's batch figures over every process's rows: score (raw), reward (after penalties),
-    KL per response, length, EOS rate, distinct-2, the judge's mean and the sampler-trainer gap."""
+    KL per response, length, EOS rate, distinct-2, per-reply repetition, the judge's mean and the
+    sampler-trainer gap."""
     from accelerate.utils import gather_object
 
     world = accelerator.num_processes
@@ -184,6 +185,7 @@ def batch_stats(accelerator, rollout: Rollout, raw_scores: torch.Tensor, scores:
               "response_length": accelerator.gather(rollout.lengths).float().mean().item(),
               "eos_rate": accelerator.gather(finished).mean().item(),
               "distinct_2": round(distinct_n(texts), 4),
+              "repetition": round(mean_repetition(texts), 4),
               "sampler_logprob_gap": float(f"{(gap[0] / gap[1].clamp(min=1)).item():.4g}")}  # often ~1e-7
     if scorers.judge is not None:
         judged = torch.tensor(scorers.judge(prompts, gen.texts), dtype=torch.float32, device=device)
