@@ -138,7 +138,6 @@ KNOWN_GAPS = {
     ("agent run tools", "truncated"): "a tool file with a syntax error raises SyntaxError with a traceback",
     ("agent run tools", "binary"): "a binary tool file raises a Python error with a traceback",
     ("agent run tools", "huge_line"): "a tool file with a syntax error raises SyntaxError with a traceback",
-    ("cai principles constitution", "binary"): "a binary constitution raises UnicodeDecodeError with a traceback",
 }
 
 @pytest.fixture(scope="module")

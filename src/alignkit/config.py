@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from alignkit.errors import ConfigError
+from alignkit.io import read_text_file
 
 
 class Strict(BaseModel):
@@ -327,13 +328,7 @@ def load_config(cls: type[Strict], path: Path | None = None, overrides: list[str
     if path is not None:
         path = Path(path)
         where = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            line = e.object[:e.start].count(b"\n") + 1
-            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.start}); a YAML config is text") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+        text = read_text_file(path, "config")
         try:
             loaded = yaml.safe_load(text)
             lines = _key_lines(text) if loaded else {}

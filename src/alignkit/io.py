@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from alignkit.errors import AlignkitError, DataError
+from alignkit.errors import AlignkitError, ConfigError, DataError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -52,6 +52,18 @@ def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def read_text_file(path: Path, kind: str) -> str:
+    """The UTF-8 text of a user's YAML/text file, or a ConfigError naming the file (and the line of
+    the first byte that is not UTF-8): `kind` says what the file was meant to be ("config")."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.start}); a {kind} file is text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {kind}: {e.strerror}") from None
 
 
 def scan_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from alignkit.errors import ConfigError
+from alignkit.io import read_text_file
 
 CONSTITUTIONS_DIR = Path(__file__).resolve().parent / "constitutions"
 PRINCIPLE_KEYS = ("id", "text", "critique_request", "revision_request")
@@ -100,10 +101,7 @@ def principle_problems(item, seen: set[str]) -> list[str]:
 def load_constitution(path: Path | str) -> Constitution:
     """Read and validate a constitution file; ConfigError lists every problem with file, line and principle."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read constitution: {e.strerror}") from None
+    text = read_text_file(path, "constitution")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
