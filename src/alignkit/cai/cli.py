@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from alignkit.cli_options import DEVICE_HELP, MODEL_HELP, RESTART_OPT
 from alignkit.errors import AlignkitError
 
 cai_app = typer.Typer(
@@ -15,13 +16,9 @@ cai_app = typer.Typer(
          "RLAIF labeling, and the whole pipeline with a base / SL-CAI / RL-CAI report.",
     no_args_is_help=True)
 
-MODEL_HELP = ("'embedded' (SmolLM2-135M-Instruct, shipped), a Hugging Face model directory, an adapter "
-              "directory saved by alignkit (e.g. runs/NAME/final), or a .gguf file")
 PRINCIPLES_HELP = ("Principles: comma-separated shipped constitutions (human_rights, platform_terms, "
                    "dialogue_rules) or YAML files, each optionally narrowed to ids with ':id+id', "
                    "e.g. 'human_rights:privacy,dialogue_rules'.")
-DEVICE_HELP = "auto (CUDA when present), cpu or cuda"
-RESTART_OPT = typer.Option(False, help="Start over instead of continuing an unfinished output of this command.")
 
 
 @cai_app.command("principles")
