@@ -167,6 +167,19 @@ def load_history(run_dir: Path, start_step: int) -> list[dict]:
     return [r for r in records if "score" in r]
 
 
+def kl_controller(cfg, run_dir: Path, start_step: int):
+    """The KL coefficient's controller (adaptive when cfg.kl_target is set), restored from the
+    checkpoint a resumed run starts from."""
+    from alignkit.losses.kl import AdaptiveKLController, FixedKLController
+
+    ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target \
+        else FixedKLController(cfg.kl_coef)
+    if start_step:
+        state = json.loads((run_dir / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").read_text())
+        ctl.load_state_dict(state["kl_controller"])
+    return ctl
+
+
 def batch_stats(accelerator, rollout: Rollout, raw_scores: torch.Tensor, scores: torch.Tensor,
                 kl_per_response: torch.Tensor, prompts: list, scorers: Scorers, gap: torch.Tensor) -> dict:
     """The step's batch figures over every process's rows: score (raw), reward (after penalties),

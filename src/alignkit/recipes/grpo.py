@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -35,11 +34,11 @@ from alignkit.data.batching import global_batch
 from alignkit.data.prompts import load_prompts
 from alignkit.errors import AlignkitError
 from alignkit.losses.grpo import aggregate, clipped_token_loss, group_advantages
-from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
+from alignkit.losses.kl import kl_k1, kl_k3
 from alignkit.models import save_model
 from alignkit.models.rollout import RolloutEngine
-from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, row_seeds, sample, sampler_gap,
-                             tail_logprobs)
+from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, kl_controller, row_seeds, sample,
+                             sampler_gap, tail_logprobs)
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
 
@@ -87,12 +86,8 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg, total_steps)
     model, optimizer = accelerator.prepare(policy, optimizer)  # DDP-wrapped when world > 1
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
-              else FixedKLController(cfg.kl_coef))
     start_step = resume_state(run_dir, resume, model, optimizer, scheduler, accelerator)
-    if start_step:
-        state = json.loads((run_dir / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").read_text())
-        kl_ctl.load_state_dict(state["kl_controller"])
+    kl_ctl = kl_controller(cfg, run_dir, start_step)
     if main_proc:
         tuned = f"LoRA r={cfg.lora.r}" if cfg.lora.enabled else "full fine-tuning"
         print(f"grpo: policy {cfg.model} ({tuned}) | advantage {cfg.advantage} | reward: {scorers.reward_name} | "

@@ -24,7 +24,6 @@ processes together, gradients are averaged by DDP, and the logged metrics cover 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -33,13 +32,13 @@ from alignkit.config import PPOConfig
 from alignkit.data.batching import global_batch
 from alignkit.data.prompts import load_prompts
 from alignkit.errors import AlignkitError
-from alignkit.losses.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k3
+from alignkit.losses.kl import kl_k1, kl_k3
 from alignkit.losses.ppo import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from alignkit.models import save_model
 from alignkit.models.heads import scalar_head
 from alignkit.models.rollout import RolloutEngine
-from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, row_seeds, sample, sampler_gap,
-                             tail_logprobs)
+from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, kl_controller, row_seeds, sample,
+                             sampler_gap, tail_logprobs)
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
 
@@ -93,12 +92,8 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     params = [p for p in modules.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg, total_steps)
     model, optimizer = accelerator.prepare(modules, optimizer)  # DDP-wrapped when world > 1
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
-              else FixedKLController(cfg.kl_coef))
     start_step = resume_state(run_dir, resume, model, optimizer, scheduler, accelerator)
-    if start_step:
-        state = json.loads((run_dir / "checkpoints" / f"step-{start_step:06d}" / "trainer_state.json").read_text())
-        kl_ctl.load_state_dict(state["kl_controller"])
+    kl_ctl = kl_controller(cfg, run_dir, start_step)
     if main_proc:
         print(f"ppo: policy {cfg.model} (LoRA r={cfg.lora.r}) | reward: {scorers.reward_name} | {len(prompts)} prompts, "
               f"{cfg.rollout_batch} per step ({world} process(es)) | {total_steps} steps | run dir {run_dir}"
