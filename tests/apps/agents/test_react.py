@@ -329,3 +329,18 @@ def test_tools_bound_to_services_say_why_agent_run_cannot_use_them():
         load_tools("examples/shopbot/tools.py")
     with pytest.raises(AlignkitError, match="make shopbot-demo"):
         load_tools("examples.shopbot.tools")
+
+
+def test_readme_example_on_the_embedded_model_calls_the_calculator_and_is_right():
+    """`agent run --tools builtin "What is 12.5% of 368?"`: constrained, the first reply is a calculator call."""
+    from alignkit.apps.agents.backends import LocalBackend
+
+    try:
+        backend = LocalBackend("embedded", device="cpu")
+    except Exception as e:  # the embedded model package may be missing outside `make test`
+        pytest.skip(f"embedded model unavailable: {e}")
+    result = run_agent(backend, list(BUILTIN_TOOLS.values()), "What is 12.5% of 368?", max_steps=4,
+                       tool_choice="required")
+    assert result.status == "answered" and result.steps[0].tool == "calculator", result.to_dict()
+    assert not any(step.error_kind == "format" for step in result.steps)
+    assert result.answer.split()[0].rstrip(".") == "46", result.answer
