@@ -249,9 +249,12 @@ class RolloutEngine:
         for step in range(max_new_tokens):
             raw = logits.float()
             if logits_processor is not None:  # it sees every row of the batch, rows that are done included
-                full = raw.new_zeros((B, raw.shape[1]))
-                full[rows] = raw
-                scores = logits_processor(seq[:, :P + step], full)[rows]
+                if len(rows) == B:  # no row has left the cache: hand over the scores themselves
+                    scores = logits_processor(seq[:, :P + step], raw.clone() if return_logprobs else raw)
+                else:
+                    full = raw.new_zeros((B, raw.shape[1]))
+                    full[rows] = raw
+                    scores = logits_processor(seq[:, :P + step], full)[rows]
             else:
                 scores = raw
             tok = sample(scores, uniforms(seeds[rows.cpu()], step).to(device), temperature, top_k, top_p)
