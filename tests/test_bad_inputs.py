@@ -132,14 +132,6 @@ def names_file_and_line(message: str, path: Path, whole_file: bool) -> bool:
     return whole_file or re.search(rf"{re.escape(path.name)}:\d+|line \d+", message) is not None
 
 
-# Known gaps in commands this module does not own, each checked to still fail (strict): when one is
-# fixed, its xfail turns into a failure and the entry is removed here.
-KNOWN_GAPS = {
-    ("agent run tools", "truncated"): "a tool file with a syntax error raises SyntaxError with a traceback",
-    ("agent run tools", "binary"): "a binary tool file raises a Python error with a traceback",
-    ("agent run tools", "huge_line"): "a tool file with a syntax error raises SyntaxError with a traceback",
-}
-
 @pytest.fixture(scope="module")
 def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A reward model (the tiny model with a fresh scalar head) for `reward score`."""
@@ -154,9 +146,7 @@ def reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
 CASES = [(command, kind) for command in commands("tiny") for kind in commands("tiny")[command][1]]
 
 
-@pytest.mark.parametrize("command,kind", [
-    pytest.param(c, k, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[(c, k)])) if (c, k) in KNOWN_GAPS
-    else (c, k) for c, k in CASES], ids=[f"{c}-{k}".replace(" ", "_") for c, k in CASES])
+@pytest.mark.parametrize("command,kind", CASES, ids=[f"{c}-{k}".replace(" ", "_") for c, k in CASES])
 def test_bad_input_is_named_and_nothing_half_written(command, kind, tmp_path, tiny_model_dir, reward_dir,
                                                      monkeypatch):
     import uvicorn

@@ -37,6 +37,11 @@ def _module_tools(source: str) -> list[Tool]:
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
+        except (SyntaxError, ValueError) as e:  # ValueError: null bytes, on some Python versions
+            raw = path.read_bytes()
+            line = getattr(e, "lineno", None) or (raw[:raw.index(b"\0")].count(b"\n") + 1 if b"\0" in raw else 1)
+            what = "binary data (NUL bytes), not Python" if b"\0" in raw else f"invalid Python: {getattr(e, 'msg', e)}"
+            raise AlignkitError(f"--tools {source}:{line}: {what}") from None
         except ImportError as e:
             if "relative import" not in str(e):
                 raise
