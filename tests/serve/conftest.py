@@ -55,3 +55,22 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def long_tiny_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with a 4096-token window (the agents' few-shot prompts are longer than 256 tokens)
+    and an untied random output layer: tied, it repeats the prompt's last token ("\n") forever, and a
+    reply of newlines is empty once stripped."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.max_position_embeddings = 4096
+    model.config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    out = tmp_path_factory.mktemp("long") / "model"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out

@@ -134,12 +134,69 @@ class GrammarLogitsProcessor:
         for row, matcher in enumerate(self.matchers):
             new = input_ids[row, self.prompt_width + self.consumed[row]:].tolist()
             self.consumed[row] += len(new)
-            for token in new:
-                if matcher.is_stopped():
-                    break  # the row has ended (EOS); what follows is padding
-                if not matcher.consume_token(token):
-                    raise AlignkitError(f"token {token} broke the grammar: {matcher.get_error()}")
+            _advance(matcher, new)
             llt.fill_next_token_bitmask(matcher, self.bitmask, row)
         masked = scores.clone() if scores.device.type != "cpu" else scores
         llt.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device))
         return masked
+
+
+def _advance(matcher, tokens: list[int]) -> None:
+    """Feed a row's new tokens to its matcher; tokens after the row ended (EOS) are padding."""
+    for token in tokens:
+        if matcher.is_stopped():
+            break
+        if not matcher.consume_token(token):
+            raise AlignkitError(f"token {token} broke the grammar: {matcher.get_error()}")
+
+
+class RowGrammarProcessor:
+    """One optional grammar per row of a batch: row r decodes under `grammars[r]`, freely where it is None.
+
+    For a batching server, where requests with and without a grammar share a decode batch. Called
+    as `processor(input_ids, scores, skip)` with the engine's (B, T) ids and (B, V) scores; `skip`
+    (B,) marks rows the caller has already ended (a stop string, a client gone): their padding is
+    not fed to their matcher. Only the constrained rows are masked.
+    """
+
+    def __init__(self, tokenizer, grammars: list[str | None], *, eos_token_ids: list[int]):
+        self.tokenizer, self.grammars, self.eos = tokenizer, grammars, tuple(eos_token_ids)
+        self.rows = [r for r, g in enumerate(grammars) if g is not None]
+        self.matchers: dict[int, object] = {}
+        self.prompt_width = 0
+        self.consumed = [0] * len(grammars)
+
+    def text_done(self, row: int) -> bool:
+        """True when row `row` has a grammar and has produced a complete sentence of it."""
+        matcher = self.matchers.get(row)
+        return matcher is not None and matcher.is_stopped()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                 skip: torch.Tensor | None = None) -> torch.FloatTensor:
+        import llguidance
+        import llguidance.torch as llt
+
+        if not self.rows:
+            return scores
+        if not self.matchers:
+            ll_tokenizer = _ll_tokenizer(self.tokenizer, scores.shape[-1], self.eos)
+            for r in self.rows:
+                self.matchers[r] = matcher = llguidance.LLMatcher(ll_tokenizer, self.grammars[r])
+                if matcher.is_error():
+                    raise AlignkitError(f"the grammar cannot be used: {matcher.get_error()}")
+            self.prompt_width = input_ids.shape[1]
+            self.bitmask = llt.allocate_token_bitmask(len(self.rows), scores.shape[-1])
+        active = [i for i, r in enumerate(self.rows) if skip is None or not bool(skip[r])]
+        if not active:
+            return scores
+        for i in active:
+            r = self.rows[i]
+            new = input_ids[r, self.prompt_width + self.consumed[r]:].tolist()
+            self.consumed[r] += len(new)
+            _advance(self.matchers[r], new)
+            llt.fill_next_token_bitmask(self.matchers[r], self.bitmask, i)
+        index = torch.tensor([self.rows[i] for i in active], device=scores.device)
+        part = scores[index]  # a copy: masked, then written back
+        llt.apply_token_bitmask_inplace(part, self.bitmask[active].to(part.device))
+        scores[index] = part
+        return scores

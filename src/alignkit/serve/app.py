@@ -5,6 +5,8 @@
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming as server-sent
 events ending with `data: [DONE]`, or one JSON body), GET /health. Errors use OpenAI's error JSON.
+Structured output (`response_format`, `tools` + `tool_choice`) is decoded under a grammar: see
+structured.py.
 With an API key, every /v1 route needs `Authorization: Bearer KEY`; the comparison takes constant
 time and the key is never logged or echoed.
 """
@@ -25,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from alignkit.models.rollout import encode_prompts
 from alignkit.serve.errors import APIError, bad_request
 from alignkit.serve.protocol import ChatRequest, CompletionRequest, Params, params, parse
+from alignkit.serve.structured import (StructuredPlan, format_plan, history_message, structured_plan, tool_call,
+                                       with_tool_prompt)
 from alignkit.serve.worker import BatchWorker, Job
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
@@ -106,19 +110,23 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
         req = parse(ChatRequest, await read_body(request))
         check_model(req.model)
         p = params(req, chat=True, default_max_tokens=default_max_tokens)
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+        plan = structured_plan(req)
+        p.grammar = checked_grammar(plan, req)
+        messages = with_tool_prompt([history_message(m) for m in req.messages], plan)
         try:
             prompts = encode_prompts(tokenizer, [messages], chat=True)
         except Exception as e:  # a chat template can refuse a conversation (e.g. roles out of order)
             raise bad_request(f"the model's chat template refused these messages: {e}", param="messages") from None
         explicit = req.max_tokens is not None or req.max_completion_tokens is not None
-        return await run(request, prompts, check_window(prompts, p, explicit), "chat.completion", req)
+        return await run(request, prompts, check_window(prompts, p, explicit), "chat.completion", req, plan)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse(CompletionRequest, await read_body(request))
         check_model(req.model)
         p = params(req, chat=False, default_max_tokens=default_max_tokens)
+        plan = format_plan(req.response_format) if req.response_format is not None else None
+        p.grammar = checked_grammar(plan, req)
         prompt = req.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
@@ -128,10 +136,17 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
             raise bad_request(f"token ids must be below the vocabulary size {len(tokenizer)}", param="prompt")
         prompts = encode_prompts(tokenizer, prompt, chat=False)
         return await run(request, prompts, check_window(prompts, p, req.max_tokens is not None),
-                         "text_completion", req)
+                         "text_completion", req, plan)
 
-    async def run(request: Request, prompts, p: Params, kind: str, req):
+    def checked_grammar(plan: StructuredPlan | None, req) -> str | None:
+        if plan is not None and req.ignore_eos:
+            raise bad_request("ignore_eos cannot be combined with response_format or tools (a finished "
+                              "structure must end the reply)", param="ignore_eos")
+        return plan.grammar if plan is not None else None
+
+    async def run(request: Request, prompts, p: Params, kind: str, req, plan: StructuredPlan | None):
         job = worker.submit(prompts, p, asyncio.get_running_loop())
+        job.plan = plan
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -172,6 +187,10 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
         choice = job.choices[i]
         if kind == "chat.completion":
             lp = {"content": [chat_logprob(e) for e in choice.logprobs]} if job.params.logprobs else None
+            call = tool_call(choice.text, job.plan) if choice.finish_reason == "stop" else None
+            if call is not None:
+                return {"index": i, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                        "logprobs": lp, "finish_reason": "tool_calls"}
             return {"index": i, "message": {"role": "assistant", "content": choice.text}, "logprobs": lp,
                     "finish_reason": choice.finish_reason}
         return {"index": i, "text": choice.text, "logprobs": completion_logprobs(choice.logprobs)
@@ -185,12 +204,24 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
             return "data: " + json.dumps({"id": rid, "object": chunk_kind, "created": created,
                                           "model": served_name, "choices": choices, **extra}) + "\n\n"
 
+        # With tools, a choice's text is held back until it shows whether it is a call (it starts with
+        # "{"): a call is sent whole as a tool_calls delta when it is complete, text as it comes.
+        tools = kind == "chat.completion" and job.plan is not None and job.plan.tools is not None
+        held, is_call = [""] * job.rows, [None] * job.rows
         try:
             if kind == "chat.completion":
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(job.rows)])
             async for event in job.events():
-                if event[0] == "delta":
+                if event[0] == "delta" and tools and is_call[event[1]] is not False:
+                    _, i, text, _ = event
+                    held[i] += text
+                    if held[i].strip() and is_call[i] is None:
+                        is_call[i] = held[i].lstrip().startswith("{")
+                        if not is_call[i]:
+                            yield chunk([{"index": i, "delta": {"content": held[i]}, "logprobs": None,
+                                          "finish_reason": None}])
+                elif event[0] == "delta":
                     _, i, text, entry = event
                     if kind == "chat.completion":
                         lp = {"content": [chat_logprob(entry)]} if entry is not None else None
@@ -200,6 +231,11 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
                         yield chunk([{"index": i, "text": text, "logprobs": lp, "finish_reason": None}])
                 elif event[0] == "finish":
                     _, i, reason = event
+                    if tools and is_call[i] is not False:
+                        call = tool_call(job.choices[i].text, job.plan) if reason == "stop" else None
+                        delta = {"tool_calls": [{"index": 0, **call}]} if call else {"content": held[i]}
+                        yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+                        reason = "tool_calls" if call else reason
                     body = {"delta": {}} if kind == "chat.completion" else {"text": ""}
                     yield chunk([{"index": i, **body, "logprobs": None, "finish_reason": reason}])
                 elif event[0] == "error":

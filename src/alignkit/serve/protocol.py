@@ -2,7 +2,8 @@
 
 Supported: `max_tokens` (or `max_completion_tokens`), `temperature`, `top_p`, `stop` (a string or up
 to 4), `seed`, `n`, `stream` (+ `stream_options.include_usage`), `logprobs` (+ `top_logprobs` for
-chat; an int for completions), and two extensions other servers share: `top_k` and `ignore_eos`.
+chat; an int for completions), `response_format`, `tools` and `tool_choice` (chat; see structured.py), and
+two extensions other servers share: `top_k` and `ignore_eos`.
 Fields OpenAI defines that change nothing here (`user`, `presence_penalty` 0, ...) are accepted and
 ignored; a penalty or `logit_bias` that would change the output is refused rather than ignored.
 """
@@ -29,6 +30,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[dict] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -56,6 +58,7 @@ class Common(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
+    response_format: dict | None = None
 
 
 class ChatRequest(Common):
@@ -63,6 +66,9 @@ class ChatRequest(Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list | None = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(Common):
@@ -86,6 +92,8 @@ class Params:
     top_logprobs: int
     ignore_eos: bool
     chat: bool
+    grammar: str | None = None
+    """llguidance grammar every choice is decoded under (response_format, tools); see serve/structured.py."""
 
     def sampling_key(self) -> tuple:
         """Requests with equal keys can share a batch (the engine samples a batch with one setting)."""

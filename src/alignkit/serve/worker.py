@@ -10,8 +10,9 @@ the oldest waiting request and every other waiting request with the same samplin
 (temperature, top_p, top_k: the engine samples a batch with one setting) until `max_batch` rows,
 and decodes them together on the rollout engine. Everything per row rides on the
 engine's per-row hooks: each row's own seed, its own max_tokens, stop strings and EOS handling in
-`on_step` (which also streams each new token out), and `ignore_eos` / log-probs in the logits
-processor. A request whose client went away is marked cancelled and its rows are stopped at the
+`on_step` (which also streams each new token out), and `ignore_eos` / log-probs / a grammar
+(response_format, tools) in the logits processor: rows with and without a grammar share a batch,
+each masked by its own matcher. A request whose client went away is marked cancelled and its rows are stopped at the
 next step; the batch ends when all its rows have.
 
 Only requests waiting for a batch count against `max_queue`; past it, submit() refuses with 503
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alignkit.models.constrained import RowGrammarProcessor
 from alignkit.models.rollout import RolloutEngine
 from alignkit.models.sampling import row_seeds
 from alignkit.serve.errors import APIError, overloaded
@@ -59,6 +61,7 @@ class Job:
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+        self.plan = None  # the request's StructuredPlan (serve/structured.py), read by the HTTP handler
 
     @property
     def rows(self) -> int:
@@ -243,12 +246,15 @@ class BatchWorker:
         eos = torch.tensor(self.eos)
         scale = params.temperature if params.temperature > 0 else 1.0
 
+        grammars = RowGrammarProcessor(self.tokenizer, [job.params.grammar for job, _ in rows],
+                                       eos_token_ids=self.eos)
+
         def processor(input_ids, scores):
-            if want_logprobs:  # the model's own distribution, before ignore_eos takes EOS away
+            if want_logprobs:  # the model's own distribution, before ignore_eos or a grammar masks it
                 step_logprobs[:] = [torch.log_softmax(scores.float() / scale, dim=-1)]
             if ignore_eos.any():
                 scores[ignore_eos.nonzero()[:, :1], eos[None, :]] = float("-inf")
-            return scores
+            return grammars(input_ids, scores, skip=stopped)
 
         stopped = torch.zeros(len(rows), dtype=torch.bool)
 
