@@ -47,6 +47,16 @@ def test_echo_wants_the_prompts_own_detail_and_passes_when_there_is_none():
     assert judge.score(["Where is my parcel?"], ["No idea."]) == [1.0]
 
 
+def test_max_repetition_fails_a_reply_that_says_the_same_thing_twice():
+    """"sorry about order 41234" twice: words sorry about order 41234 sorry about order 41234 (8 words,
+    6 3-grams); the 3-grams from the second "sorry" on repeat earlier ones except "41234 sorry about",
+    "order 41234 sorry": (sorry about order), (about order 41234) repeat -> 2 of 6 = 0.333."""
+    judge = RubricJudge([Criterion(name="no_repeats", max_repetition=0.2)])
+    once, twice = "Sorry about order 41234.", "Sorry about order 41234. Sorry about order 41234."
+    assert judge.score([PROMPT, PROMPT], [once, twice]) == [1.0, 0.0]
+    assert RubricJudge([Criterion(name="lenient", max_repetition=0.34)]).score([PROMPT], [twice]) == [1.0]
+
+
 def test_rubric_config_errors_name_the_field():
     def error(criteria):
         with pytest.raises(ConfigError) as e:
@@ -58,6 +68,7 @@ def test_rubric_config_errors_name_the_field():
     assert "criterion names must be distinct; repeated: a" in error([{"name": "a", "words": [1, 2]},
                                                                       {"name": "a", "words": [1, 3]}])
     assert "words must be [min, max]" in error([{"name": "w", "words": [5, 2]}])
+    assert "max_repetition" in error([{"name": "r", "max_repetition": 1.5}])
 
 
 def test_gold_labeler_composes_rubric_and_toxicity():

@@ -7,6 +7,9 @@ A criterion passes when every condition it states holds:
   echo    a regular expression run on the prompt: the reply repeats one of its matches (an order
           number, an item); a prompt without a match passes, since there is nothing to repeat
   words   the reply's word count lies in [min, max]
+  max_repetition
+          at most this share of the reply's word 3-grams repeat an earlier one of the same reply
+          (`evaluate.monitors.repetition`), so a reply that says the same sentence twice fails
 
 The score is the weighted share of criteria passed, 0..1. Matching ignores case. Rules are
 transparent and cheap, and they share nothing with a learned reward model, which is what a gold
@@ -23,6 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import Strict
 from alignkit.evaluate.judges.base import ComponentBase, Judge, check_batch, check_distinct
+from alignkit.evaluate.monitors import repetition
 
 
 class Criterion(Strict):
@@ -38,6 +42,8 @@ class Criterion(Strict):
     """Regular expression run on the prompt; the reply must contain one of its matches."""
     words: tuple[int, int] | None = None
     """[min, max] words (whitespace-separated) in the reply."""
+    max_repetition: float | None = Field(None, ge=0, le=1)
+    """The most of the reply's word 3-grams (share, 0..1) that may repeat an earlier 3-gram."""
 
     @field_validator("any", "none")
     @classmethod
@@ -55,8 +61,9 @@ class Criterion(Strict):
 
     @model_validator(mode="after")
     def _has_condition(self):
-        if not (self.any or self.none or self.echo or self.words):
-            raise ValueError(f"criterion {self.name!r} states no condition (any, none, echo or words)")
+        if not (self.any or self.none or self.echo or self.words or self.max_repetition is not None):
+            raise ValueError(f"criterion {self.name!r} states no condition "
+                             "(any, none, echo, words or max_repetition)")
         if self.words is not None and not 0 <= self.words[0] <= self.words[1]:
             raise ValueError(f"criterion {self.name!r}: words must be [min, max] with 0 <= min <= max")
         return self
@@ -93,6 +100,8 @@ class RubricJudge:
                 ok = not wanted or any(w in reply.lower() for w in wanted)
             if ok and c.words is not None:
                 ok = c.words[0] <= n_words <= c.words[1]
+            if ok and c.max_repetition is not None:
+                ok = repetition(reply) <= c.max_repetition
             out[c.name] = ok
         return out
 
@@ -113,7 +122,8 @@ class RubricComponent(ComponentBase):
     judge: Literal["rubric"]
     """Rule-based criteria, each passed or failed; the score is the weighted share passed, 0..1."""
     criteria: list[Criterion] = Field(min_length=1)
-    """The criteria, each with a name, a weight and its conditions (any, none, echo, words)."""
+    """The criteria, each with a name, a weight and its conditions (any, none, echo, words,
+    max_repetition)."""
 
     @field_validator("criteria")
     @classmethod
