@@ -68,7 +68,7 @@ def test_pal_and_agent_over_http_see_the_same_replies_as_in_process(long_tiny_di
     pal_args = ["pal", "What is 17 * 23?", "--model", name, "--max-tokens", "24", "--max-retries", "0",
                 "--json", "--device", "cpu"]
     agent_args = ["agent", "run", "What is 12.5% of 368?", "--tools", "builtin", "--model", name, "--max-steps", "2",
-                  "--max-tokens", "24", "--json", "--device", "cpu"]
+                  "--max-tokens", "24", "--json", "--device", "cpu", "--free"]
     local_pal = _cli(*pal_args)
     with running(app) as url:
         served_pal, served_agent = _cli(*pal_args, "--base-url", url), _cli(*agent_args, "--base-url", url)
@@ -79,8 +79,8 @@ def test_pal_and_agent_over_http_see_the_same_replies_as_in_process(long_tiny_di
     assert [a["reply"] for a in pal_served["attempts"]] == [a["reply"] for a in pal_local["attempts"]]
     assert pal_served["attempts"][0]["reply"]  # the tiny model said something, and the same thing both ways
 
-    # A local model's agent decodes under a grammar; a served one gets the text protocol. The same
-    # text protocol run in process must see the very replies the server gave.
+    # With --free, a served model gets the text protocol (without it, the server's tool calling: see
+    # tests/apps/agents). The same text protocol run in process must see the very replies the server gave.
     from alignkit.apps.agents.agent_cli import load_tools
     from alignkit.apps.agents.backends import LocalBackend
     from alignkit.apps.agents.react import run_agent
@@ -149,7 +149,7 @@ def test_serves_packed_int4_and_gguf_exports(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setenv("ALIGNKIT_HOME", str(tmp_path / "home"))
     model, tok = tiny
-    q4 = save_quantized(quantize_model(model, "int4-weight", 16), tok, tmp_path / "q4", {"method": "int4-weight"})
+    q4 = save_quantized(quantize_model(model, "int4-weight", 32), tok, tmp_path / "q4", {"method": "int4-weight"})
     gguf = tmp_path / "tiny-q8.gguf"
     export_gguf(str(tmp_path / "q4"), gguf, quant="q8_0", progress=False)
     for spec in (str(q4), str(gguf)):

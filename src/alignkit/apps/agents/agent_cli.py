@@ -112,17 +112,23 @@ def run(
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
     constrained: bool = typer.Option(True, "--constrained/--free", help="Local models: decode every reply "
                                      "under a grammar (Thought, then an Action with arguments valid for the "
-                                     "tool's schema, or a Final Answer), so no reply is malformed. --free: "
-                                     "plain decoding, stopped at \"Observation:\", checked after the fact."),
+                                     "tool's schema, or a Final Answer), so no reply is malformed. With "
+                                     "--base-url: offer the tools through the server's OpenAI tool calling "
+                                     "(`tools`, `tool_choice`; calls come back as `tool_calls`), and fall back "
+                                     "to the text protocol if the server refuses tools (HTTP 400/422). --free: "
+                                     "the text protocol, plain decoding stopped at \"Observation:\", checked "
+                                     "after the fact. Each step's `protocol` in --json and --trace says which "
+                                     "ran: grammar, tool_calls, tools_text or text."),
     tool_choice: str = typer.Option("required", help="required: the first reply must call a tool (a small "
                                     "model otherwise answers arithmetic from memory); auto: it may answer at "
-                                    "once. Applies to constrained local models."),
+                                    "once. Applies to constrained local models and to servers' tool calling."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: question, answer, status, "
                                  "message, plan and every step."),
 ):
     """Answer a question with a ReAct agent: Thought, Action, Observation, ..., Final Answer.
 
-    On a local model every reply is decoded under a grammar (see --constrained). Wrong formats,
+    On a local model every reply is decoded under a grammar; on a server (--base-url) the tools go
+    through its tool calling, with the text protocol as the fallback (see --constrained). Wrong formats,
     unknown tools, bad arguments, failing tools and repeated calls are shown to the model as
     observations so it can correct itself. Exit status 1 when the run ends without a final answer
     (the step limit, too many unparseable replies or repeated calls).

@@ -11,7 +11,10 @@ model, a fine-tuned directory or a served model (vLLM, llama.cpp server, Ollama,
   is never run through the model twice. Streaming uses transformers' `TextIteratorStreamer` with
   generation on a background thread.
 * `OpenAIBackend` POSTs to `{base_url}/chat/completions`; with streaming it reads the server-sent
-  events (`data: {...}` lines, ending with `data: [DONE]`). The API key is read from an environment
+  events (`data: {...}` lines, ending with `data: [DONE]`). `chat_tools` sends OpenAI `tools` and
+  `tool_choice` and returns the reply's first tool call, if any; a server that refuses tools
+  (HTTP 400 or 422) raises `ToolsRefused`, and the backend remembers it (`tool_calling` False) so
+  that its callers can fall back to a text protocol. The API key is read from an environment
   variable at each request and only ever sent in the Authorization header: never stored, printed
   or put into an error message.
 """
@@ -30,6 +33,10 @@ from alignkit.errors import AlignkitError
 
 class BackendError(AlignkitError):
     """A backend could not produce a reply: HTTP error, timeout, unreachable server, malformed answer."""
+
+
+class ToolsRefused(BackendError):
+    """The server answered a request carrying `tools` with 400 or 422: it has no (usable) tool calling."""
 
 
 class ChatBackend(Protocol):
@@ -226,9 +233,12 @@ class OpenAIBackend:
     def __repr__(self) -> str:
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.name!r}, api_key_env={self.api_key_env!r})"
 
-    def _request(self, messages, max_tokens, temperature, stop, stream) -> tuple[str, dict, dict]:
+    tool_calling: bool | None = None
+    """None until a request with tools was made; then whether the server took it."""
+
+    def _request(self, messages, max_tokens, temperature, stop, stream, **extra) -> tuple[str, dict, dict]:
         body = {"model": self.name, "messages": messages, "max_tokens": max_tokens,
-                "temperature": temperature}
+                "temperature": temperature, **extra}
         if stop:
             body["stop"] = stop
         if stream:
@@ -254,19 +264,44 @@ class OpenAIBackend:
                 429: " (rate limited: retry later)"}.get(status, "")
         return BackendError(f"POST {url}: HTTP {status}{hint}: {body.strip()[:500]}")
 
-    def chat(self, messages: list[dict], *, max_tokens: int, temperature: float,
-             stop: list[str] | None = None) -> str:
-        url, body, headers = self._request(messages, max_tokens, temperature, stop, stream=False)
+    def _post(self, messages, max_tokens, temperature, stop, **extra) -> dict:
+        """The reply's first choice's message; ToolsRefused for a 400/422 to a request with tools."""
+        url, body, headers = self._request(messages, max_tokens, temperature, stop, stream=False, **extra)
         try:
             response = httpx.post(url, json=body, headers=headers, timeout=self.timeout)
         except httpx.HTTPError as e:
             raise self._fail(url, e) from None
+        if response.status_code in (400, 422) and "tools" in extra:
+            self.tool_calling = False
+            raise ToolsRefused(str(self._http_error(url, response.status_code, response.text)))
         if response.status_code >= 400:
             raise self._http_error(url, response.status_code, response.text)
         try:
-            return response.json()["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
+            message = response.json()["choices"][0]["message"]
+            message["content"] = message.get("content") or ""
+            return message
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise BackendError(f"POST {url}: the reply is not a chat completion: {response.text[:500]}") from None
+
+    def chat(self, messages: list[dict], *, max_tokens: int, temperature: float,
+             stop: list[str] | None = None) -> str:
+        return self._post(messages, max_tokens, temperature, stop)["content"]
+
+    def chat_tools(self, messages: list[dict], tools: list[dict], *, tool_choice: str | dict, max_tokens: int,
+                   temperature: float, stop: list[str] | None = None) -> tuple[str, dict | None]:
+        """(the reply's text, its first tool call {"id", "name", "arguments": dict} or None), asking the
+        server to use OpenAI tool calling with `tools` (OpenAI's function definitions)."""
+        message = self._post(messages, max_tokens, temperature, stop, tools=tools, tool_choice=tool_choice)
+        self.tool_calling = True
+        calls = message.get("tool_calls") or []
+        if not calls:
+            return message["content"], None
+        function = calls[0].get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except (TypeError, json.JSONDecodeError):
+            arguments = function.get("arguments")  # the agent reports arguments that do not parse to the model
+        return message["content"], {"id": calls[0].get("id"), "name": function.get("name"), "arguments": arguments}
 
     def stream(self, messages: list[dict], *, max_tokens: int, temperature: float,
                stop: list[str] | None = None) -> Iterator[str]:

@@ -27,7 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignkit.apps.agents.backends import ChatBackend, LocalBackend, cut_at_stop
+from alignkit.apps.agents.backends import (ChatBackend, LocalBackend, OpenAIBackend, ToolsRefused,
+                                           cut_at_stop)
 from alignkit.apps.agents.cot import PROMPTS_DIR, load_prompt_file
 from alignkit.apps.agents.tools import Tool, ToolArgumentError
 from alignkit.apps.agents.trace import TraceLog
@@ -67,6 +68,12 @@ class AgentStep:
     error_kind: str | None = None
     """None, or "format", "unknown_tool", "arguments", "tool_error", "repeated"."""
     error: str | None = None
+    protocol: str | None = None
+    """How the reply was obtained: "grammar" (a local model decoding under `step_grammar`), "tool_calls"
+    (a server's tool calling made the call; the output is the call written as Action lines),
+    "tools_text" (tools were offered, the server's model answered in text), "text" (the text protocol)."""
+    protocol_note: str | None = None
+    """Why a step fell back to the text protocol (the server refused tools), on the first such step."""
 
 
 @dataclass
@@ -220,6 +227,25 @@ def step_grammar(tools: list[Tool], *, plan: bool, final: bool) -> str:
     return lark_grammar("\n".join(rules))
 
 
+def openai_tool(tool: Tool) -> dict:
+    """`tool` as an OpenAI function definition, for servers with tool calling."""
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                             "parameters": tool.parameters}}
+
+
+def served_tool_step(backend: OpenAIBackend, messages: list[dict], tools: list[Tool], *, tool_choice: str,
+                     max_tokens: int, temperature: float) -> tuple[str, str]:
+    """(reply, protocol) of one step through the server's tool calling: a call comes back as
+    `tool_calls` and is written as the Action lines the text protocol uses, so that the scratchpad
+    and the parser read it like any other step. ToolsRefused when the server refuses tools."""
+    text, call = backend.chat_tools(messages, [openai_tool(t) for t in tools], tool_choice=tool_choice,
+                                    max_tokens=max_tokens, temperature=temperature, stop=STOP)
+    if call is None:
+        return text, "tools_text"
+    arguments = json.dumps(call["arguments"], ensure_ascii=False)
+    return f"Action: {call['name']}\nAction Input: {arguments}", "tool_calls"
+
+
 def prompt_tokens(backend: ChatBackend, messages: list[dict]) -> int | None:
     """Tokens of the prompt for a local model; None for a served one, whose tokenizer we do not have."""
     if not isinstance(backend, LocalBackend):
@@ -239,9 +265,11 @@ def run_agent(backend: ChatBackend, tools: list[Tool], question: str, *, max_ste
 
     `prompt` is a prompt YAML file or its already loaded content. With `trace_path`, every step is
     appended to that JSONL file as it happens (see `alignkit.apps.agents.trace`). With `constrained`
-    and a local model, every reply is decoded under `step_grammar`; served models get the text
-    protocol and its checks. `tool_choice` "required" makes the first reply a tool call (as in
-    OpenAI's API): a small model otherwise often "answers" an arithmetic question from memory.
+    and a local model, every reply is decoded under `step_grammar`; with `constrained` and a served
+    model (OpenAIBackend), each step offers the tools through the server's tool calling, and once
+    the server refuses tools (400/422) the run goes on with the text protocol and its checks (each
+    step's `protocol` says which ran). `tool_choice` "required" makes the first reply a tool call (as
+    in OpenAI's API): a small model otherwise often "answers" an arithmetic question from memory.
     """
     if tool_choice not in ("auto", "required"):
         raise AlignkitError(f"tool_choice must be 'auto' or 'required', got {tool_choice!r}")
@@ -264,6 +292,7 @@ def run_agent(backend: ChatBackend, tools: list[Tool], question: str, *, max_ste
     if constrained and isinstance(backend, LocalBackend):
         grammars = {first: step_grammar(tools, plan=first, final=not (first and tool_choice == "required"))
                     for first in (True, False)}
+    served_tools = constrained and isinstance(backend, OpenAIBackend)
     steps: list[AgentStep] = []
     calls: dict[tuple[str, str], AgentStep] = {}  # (tool, arguments as JSON) -> the step that made the call
     plan, status, format_errors_in_a_row, repeats = None, "step_limit", 0, 0
@@ -271,9 +300,19 @@ def run_agent(backend: ChatBackend, tools: list[Tool], question: str, *, max_ste
         while len(steps) < max_steps:
             messages = head + scratchpad_messages(prompt, steps)
             started = time.perf_counter()
+            protocol, note = "text", None
             if grammars:
+                protocol = "grammar"
                 reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature,
                                      grammar=grammars[not steps])
+            elif served_tools and backend.tool_calling is not False:
+                try:
+                    reply, protocol = served_tool_step(
+                        backend, messages, tools, max_tokens=max_tokens, temperature=temperature,
+                        tool_choice="required" if not steps and tool_choice == "required" else "auto")
+                except ToolsRefused as e:
+                    note = f"the server refused tool calling, so the text protocol is used from here: {e}"
+                    reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature, stop=STOP)
             else:
                 reply = backend.chat(messages, max_tokens=max_tokens, temperature=temperature, stop=STOP)
             # Servers that ignore `stop` would let the model write its own (invented) observation.
@@ -281,7 +320,8 @@ def run_agent(backend: ChatBackend, tools: list[Tool], question: str, *, max_ste
             step = AgentStep(step=len(steps) + 1, output=output,
                              prompt_chars=sum(len(m["content"]) for m in messages),
                              prompt_tokens=prompt_tokens(backend, messages),
-                             latency_s=round(time.perf_counter() - started, 4))
+                             latency_s=round(time.perf_counter() - started, 4), protocol=protocol,
+                             protocol_note=note)
             steps.append(step)
 
             try:
