@@ -81,10 +81,10 @@ def commands(tiny: str, reward_dir: str = "") -> dict[str, tuple[str, dict[str, 
     return {
         "train sft data": (".jsonl", jsonl_inputs("sft"), lambda p, t: [
             "train", "sft", "--config", "configs/sft.yaml", f"model={tiny}", f"data.train={p}", "data.eval=null",
-            "max_steps=1", f"output_dir={t / 'runs'}", "run_name=bad"]),
+            "max_steps=1", "micro_batch_size=1", "grad_accum=1", f"output_dir={t / 'runs'}", "run_name=bad"]),
         "train reward pairs": (".jsonl", jsonl_inputs("pairs"), lambda p, t: [
             "train", "reward", "--config", "configs/reward.yaml", f"model={tiny}", f"data.train={p}",
-            "data.eval=null", "max_steps=1", f"output_dir={t / 'runs'}", "run_name=bad"]),
+            "data.eval=null", "max_steps=1", "micro_batch_size=1", "grad_accum=1", f"output_dir={t / 'runs'}", "run_name=bad"]),
         "prefs from-rankings": (".jsonl", jsonl_inputs("rankings"), lambda p, t: [
             "prefs", "from-rankings", str(p), str(t / "out.jsonl")]),
         "prefs judge candidates": (".jsonl", jsonl_inputs("rankings"), lambda p, t: [
@@ -176,3 +176,23 @@ def test_bad_input_is_named_and_nothing_half_written(command, kind, tmp_path, ti
         assert "skipped" in result.output
     else:
         assert outputs == [], outputs
+
+
+@pytest.mark.parametrize("recipe,good", [("sft", GOOD["sft"]), ("reward", GOOD["pairs"])])
+def test_training_on_a_damaged_file_names_the_bad_line_first_and_ends_with_exit_3(recipe, good, tmp_path,
+                                                                                   tiny_model_dir, monkeypatch):
+    """One bad line among good ones: it is named before training starts, the run trains on the rest
+    and completes, and the last line says that the exit code 3 is about the skipped input."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(good) + "\n" + '{"prompt": "cut' + "\n" + json.dumps(good).replace("Hi", "Hey") + "\n")
+    take_skipped()
+    result = runner.invoke(app, ["train", recipe, "--config", f"configs/{recipe}.yaml", f"model={tiny_model_dir}",
+                                 f"data.train={data}", "data.eval=null", "max_steps=1", "micro_batch_size=1",
+                                 "grad_accum=1", f"output_dir={tmp_path / 'runs'}", "run_name=salvaged"])
+    assert result.exit_code == 3, result.output[-2000:]
+    err = result.stderr  # warnings and the training progress bar share stderr, in the order printed
+    assert err.index(f"warning: {data}:2: invalid JSON") < err.index(f"{recipe}:")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("warning: finished with what was usable") and f"({data}:2;" in last, last
+    assert (tmp_path / "runs" / "salvaged" / "final").is_dir()

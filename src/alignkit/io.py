@@ -176,15 +176,28 @@ def take_skipped() -> list[str]:
     return out
 
 
+def line_order(problem: str) -> int:
+    """Sort key of a problem: its line number ("line 7: ..." -> 7), 0 for one about the whole file."""
+    head = problem.split(":", 1)[0]
+    return int(head[5:]) if head.startswith("line ") and head[5:].isdigit() else 0
+
+
+def salvage(path: Path, usable: list, problems: list[str]) -> list:
+    """Keep what is usable of a file and skip the rest: each problem ("line N: what") is named on
+    stderr, in line order, and remembered for exit code 3. DataError listing every problem when
+    nothing is usable."""
+    problems = sorted(problems, key=line_order)
+    if not usable:
+        raise DataError(path, problems or ["no records (the file is empty)"])
+    for problem in problems:
+        note_skipped(Path(path), problem)
+    return usable
+
+
 def read_jsonl_salvaged(path: Path) -> list[tuple[int, dict]]:
     """Like read_jsonl, but a bad line (invalid JSON, not an object, cut short) is named on stderr and
     skipped, and the good lines are used; DataError only when no usable line is left."""
-    rows, problems = scan_jsonl(path)
-    if not rows:
-        raise DataError(path, problems)
-    for problem in problems:
-        note_skipped(Path(path), problem)
-    return rows
+    return salvage(path, *scan_jsonl(path))
 
 
 # --- resumable outputs: long jobs write as they go ---------------------------------------------

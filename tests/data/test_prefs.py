@@ -35,8 +35,36 @@ def test_one_message_with_line_number_per_kind_of_bad_pair(tmp_path):
         "line 6: duplicate of line 1",
         "line 7: field 'margin' must be a number, got 'big'",
     ]
-    with pytest.raises(DataError, match="6 problem"):
+    from alignkit.io import take_skipped
+
+    take_skipped()
+    assert load_pairs(p) == [{"prompt": "p", "chosen": "a", "rejected": "b"}]  # the rest named and skipped
+    assert [where.split(": ")[0] for where in take_skipped()] == [f"{p}:{n}" for n in range(2, 8)]
+    lines = p.read_text().splitlines()
+    p.write_text("".join(l + "\n" for l in lines[1:5] + lines[6:]))  # no good line left: refused
+    with pytest.raises(DataError, match="5 problem"):
         load_pairs(p)
+    assert take_skipped() == []
+
+
+def test_rankings_and_prompts_are_salvaged_line_by_line(tmp_path):
+    from alignkit.data.prefs import load_rankings
+    from alignkit.data.prompts import load_prompts
+    from alignkit.io import take_skipped
+
+    take_skipped()
+    ranked = {"prompt": "p", "completions": ["a", "b"], "ranks": [1, 2], "labeler": "x"}
+    p = write(tmp_path, [ranked, {"prompt": "p", "completions": ["a"]}, '{"prompt": "q", "compl'])
+    assert load_rankings(p) == [(1, ranked)]
+    assert [where.split(": ")[0] for where in take_skipped()] == [f"{p}:2", f"{p}:3"]
+    q = write(tmp_path, [{"prompt": "One?"}, {"text": "no prompt"}, "[1]", {"prompt": "Two?"}], "q.jsonl")
+    assert load_prompts(q) == ["One?", "Two?"]
+    assert [where.split(": ")[0] for where in take_skipped()] == [f"{q}:2", f"{q}:3"]
+    q.write_text('{"text": "no prompt"}\n{"prompt": ')
+    with pytest.raises(DataError) as e:
+        load_prompts(q)
+    assert e.value.problems == ["line 1: missing or empty field 'prompt'",
+                                "line 2: invalid JSON: Expecting value (column 12)"]
 
 
 def test_bad_rankings_lines(tmp_path):

@@ -8,30 +8,36 @@ from alignkit.data.sft import IGNORE, build_examples, collate, load_conversation
 from alignkit.errors import DataError
 
 
-def test_every_problem_reported_with_its_line(tmp_path):
+def test_bad_lines_are_named_and_skipped_and_the_good_ones_used(tmp_path, capsys):
+    from alignkit.io import take_skipped
+
+    take_skipped()
     p = tmp_path / "bad.jsonl"
-    p.write_text("\n".join([
+    lines = [
         json.dumps({"prompt": "hi", "completion": "hello"}),
         json.dumps({"prompt": "hi"}),
         "{oops",
         json.dumps({"prompt": "", "completion": "x"}),
         json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
         json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
-    ]) + "\n")
-    with pytest.raises(DataError) as e:
-        load_conversations(p)
-    problems = e.value.problems
-    # JSON errors are found first, in one pass, before field checks.
-    assert problems == ["line 3: invalid JSON: Expecting property name enclosed in double quotes (column 2)"]
-    p.write_text(p.read_text().replace("{oops\n", ""))
-    with pytest.raises(DataError) as e:
-        load_conversations(p)
-    assert e.value.problems == [
-        "line 2: missing field 'completion' (expected prompt+completion or messages)",
-        "line 3: field 'prompt' must be a non-empty string",
-        "line 4: no assistant message, so nothing to learn",
-        "line 5: messages[0] needs 'role' (one of ['assistant', 'system', 'tool', 'user']) and string 'content'",
     ]
+    p.write_text("\n".join(lines) + "\n")
+    assert load_conversations(p) == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {p}:{problem} (skipped)" for problem in [
+        "2: missing field 'completion' (expected prompt+completion or messages)",
+        "3: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+        "4: field 'prompt' must be a non-empty string",
+        "5: no assistant message, so nothing to learn",
+        "6: messages[0] needs 'role' (one of ['assistant', 'system', 'tool', 'user']) and string 'content'",
+    ]]
+    assert len(take_skipped()) == 5  # the CLI turns these into exit code 3
+    # With no usable line the file is refused, every problem listed in line order.
+    p.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(DataError) as e:
+        load_conversations(p)
+    assert [problem.split(":")[0] for problem in e.value.problems] == [f"line {n}" for n in (1, 2, 3, 4, 5)]
+    assert take_skipped() == []
 
 
 def test_labels_cover_exactly_the_assistant_turns(tiny):

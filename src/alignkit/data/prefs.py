@@ -14,8 +14,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.errors import DataError
-from alignkit.io import scan_jsonl
+from alignkit.io import line_order, salvage, scan_jsonl
 
 FAIL = "F"
 
@@ -87,16 +86,21 @@ def validate(path: Path, fmt: str | None = None) -> tuple[str, list[tuple[int, d
         problems.extend(f"line {lineno}: {e}" for e in errs)
         if not errs:
             valid.append((lineno, rec))
-    problems.sort(key=lambda p: int(p.split(":")[0].split()[1]) if p.startswith("line ") else 0)
+    problems.sort(key=line_order)
     return fmt, valid, problems
 
 
 def load_pairs(path: Path) -> list[dict]:
-    """Valid pairs, or a DataError listing every problem."""
-    fmt, valid, problems = validate(path, "pairs")
-    if problems:
-        raise DataError(path, problems)
-    return [rec for _, rec in valid]
+    """The valid pairs of a file; each bad line is named on stderr and skipped (exit code 3), and a
+    DataError lists every problem when no pair is valid."""
+    _, valid, problems = validate(path, "pairs")
+    return [rec for _, rec in salvage(path, valid, problems)]
+
+
+def load_rankings(path: Path) -> list[tuple[int, dict]]:
+    """The valid ranking records of a file with their line numbers, salvaged as in load_pairs."""
+    _, valid, problems = validate(path, "rankings")
+    return salvage(path, valid, problems)
 
 
 def outcome(a, b) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import DataError
-from alignkit.io import read_jsonl
+from alignkit.io import salvage, scan_jsonl
 
 IGNORE = -100  # label value the loss skips
 ROLES = {"system", "user", "assistant", "tool"}
@@ -48,16 +48,17 @@ def _check(lineno: int, rec: dict) -> tuple[list[dict] | None, list[str]]:
 
 
 def load_conversations(path: Path) -> list[list[dict]]:
-    """Read and validate an SFT file; every problem is reported with its line, none dropped silently."""
-    convs, problems = [], []
-    for lineno, rec in read_jsonl(path):
+    """Read and validate an SFT file. A bad line (not JSON, or a record of the wrong shape) is named on
+    stderr with its line and skipped, and counts towards exit code 3; DataError listing every problem
+    when no line is usable."""
+    rows, problems = scan_jsonl(path)
+    convs = []
+    for lineno, rec in rows:
         msgs, errs = _check(lineno, rec)
         problems.extend(errs)
         if msgs is not None:
             convs.append(msgs)
-    if problems:
-        raise DataError(path, problems)
-    return convs
+    return salvage(path, convs, problems)
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> Example:

@@ -37,14 +37,10 @@ def prefs_from_rankings(
 
     Several labelers on one item are aggregated by majority, and their agreement is reported.
     """
-    from alignkit.data.prefs import rankings_to_pairs, validate
-    from alignkit.errors import DataError
+    from alignkit.data.prefs import load_rankings, rankings_to_pairs
     from alignkit.io import write_jsonl
 
-    _, valid, problems = validate(rankings, "rankings")
-    if problems:
-        raise DataError(rankings, problems)
-    conv = rankings_to_pairs(valid)
+    conv = rankings_to_pairs(load_rankings(rankings))
     write_jsonl(out, conv.pairs)
     print(f"{conv.items_in} ranked item line(s) in, {len(conv.pairs)} pair(s) out to {out}")
     for reason in conv.skipped:
