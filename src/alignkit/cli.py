@@ -31,7 +31,10 @@ def _exit_3_when_input_was_skipped(*_results, **_params) -> None:
 
     skipped = take_skipped()
     if skipped:
-        print(f"warning: {len(skipped)} bad input part(s) skipped, each named above; exit code 3", file=sys.stderr)
+        places = list(dict.fromkeys(where.split(": ", 1)[0] for where in skipped))  # file:line, once each
+        named = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+        print(f"warning: finished with what was usable, but {len(skipped)} bad input part(s) were skipped "
+              f"({named}; each named above); exit code 3", file=sys.stderr)
         raise typer.Exit(3)
 
 
