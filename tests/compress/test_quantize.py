@@ -76,14 +76,17 @@ def test_torchao_linear_parity_with_float_and_rtn(method):
     bits, group = (4, 32) if method == "int4-weight" else (8, None)
     _, scale, _ = quantize_rtn(lin.weight, bits, group)
     step = scale.repeat_interleave(128 // scale.shape[1], dim=1)
-    assert ((quantized.weight.dequantize() - reference.weight).abs() <= step + 1e-7).all()
+    dequantized = quantized.dequantize() if method == "int4-weight" else quantized.weight.dequantize()
+    # int4 scales are rounded to bf16 (relative 2^-9), so allow that much of the largest value beyond a step.
+    slack = 1e-7 if method != "int4-weight" else 8 * scale.repeat_interleave(32, dim=1) * 2 ** -8
+    assert ((dequantized - reference.weight).abs() <= step + slack).all()
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_tiny_model_logits_parity(tiny, method):
     model, tok = tiny
     ids = tok(["Where is my order? It has not arrived yet, please help."], return_tensors="pt")["input_ids"]
-    quantized, reference = quantize_model(model, method, 16), apply_rtn(model, method, 16)
+    quantized, reference = quantize_model(model, method, 32), apply_rtn(model, method, 32)
     with torch.no_grad():
         y, yq, yr = model(ids).logits, quantized(ids).logits, reference(ids).logits
     assert 0 < rel(yq, y) < TOL_FLOAT[method]
@@ -123,8 +126,8 @@ def test_percentile_observer_by_hand():
 def test_calibration_reports_every_linear_worst_first(tiny):
     model, tok = tiny
     texts = load_calibration_texts(None, 3)
-    quantized = quantize_model(model, "int4-weight", 16)
-    layers = calibrate(model, quantized, tok, texts, method="int4-weight", group_size=16, observer="percentile")
+    quantized = quantize_model(model, "int4-weight", 32)
+    layers = calibrate(model, quantized, tok, texts, method="int4-weight", group_size=32, observer="percentile")
     names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"}
     assert len(names) == 14 and {l.name for l in layers} == names == set(quantizable_linears(model))
     errors = [l.rel_error for l in layers]
@@ -137,13 +140,14 @@ def test_calibration_reports_every_linear_worst_first(tiny):
 @pytest.mark.parametrize("method", ["int8-dynamic", "int4-weight"])
 def test_save_then_load_gives_identical_logits(tiny, tmp_path, method):
     model, tok = tiny
-    quantized = quantize_model(model, method, 16)
-    out = save_quantized(quantized, tok, tmp_path / "q", {"method": method, "group_size": 16})
+    quantized = quantize_model(model, method, 32)
+    out = save_quantized(quantized, tok, tmp_path / "q", {"method": method, "group_size": 32})
     loaded, loaded_tok = load_quantized(out)
     ids = tok(["Can I change the delivery address?"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, quantized(ids).logits)
-    assert type(loaded.model.layers[0].mlp.up_proj.weight) is type(quantized.model.layers[0].mlp.up_proj.weight)
+    lq, qq = loaded.model.layers[0].mlp.up_proj, quantized.model.layers[0].mlp.up_proj
+    assert type(lq) is type(qq) and type(getattr(lq, "weight", lq)) is type(getattr(qq, "weight", qq))
     assert loaded_tok.get_vocab() == tok.get_vocab()
     assert json.loads((out / "quantize.json").read_text())["weights_file_bytes"] > 0
 
@@ -160,11 +164,11 @@ def test_cli_quantizes_tiny_model(tiny_model_dir, tmp_path):
     calib.write_text("Where is my order?\n\nCan I return shoes after a month?\nDo you ship abroad?\n")
     out = tmp_path / "int4"
     result = runner.invoke(cli, ["compress", "quantize", "--model", str(tiny_model_dir), "--method", "int4-weight",
-                                          "--group-size", "16", "--calib", str(calib), "--observer", "percentile",
+                                          "--group-size", "32", "--calib", str(calib), "--observer", "percentile",
                                           "--percentile", "99", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "quantize.json").read_text())
-    assert report["method"] == "int4-weight" and report["group_size"] == 16 and report["observer"] == "percentile"
+    assert report["method"] == "int4-weight" and report["group_size"] == 32 and report["observer"] == "percentile"
     assert report["calibration"]["texts"] == 3 and report["layers_quantized"] == 14
     assert report["layers"][0]["name"] in result.output and "rel_err" in result.output
     assert {"config.json", "quantized.pt", "alignkit.json"} <= {p.name for p in out.iterdir()}
@@ -176,9 +180,12 @@ def test_bad_input_gives_clear_errors(tiny_model_dir, tmp_path):
                                           "--out", str(tmp_path / "x")], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "must be one of int8-weight, int8-dynamic, int4-weight" in result.output
     result = runner.invoke(cli, ["compress", "quantize", "--model", str(tiny_model_dir), "--method", "int4-weight",
-                                          "--group-size", "24", "--calib-samples", "1", "--out", str(tmp_path / "x")])
+                                          "--group-size", "64", "--calib-samples", "1", "--out", str(tmp_path / "x")])
     assert isinstance(result.exception, QuantizeError)
-    assert "--group-size 24 does not divide the input size of 14 layer(s)" in str(result.exception)
+    assert "--group-size 64 does not divide the input size of 12 layer(s)" in str(result.exception)
+    result = runner.invoke(cli, ["compress", "quantize", "--model", str(tiny_model_dir), "--method", "int4-weight",
+                                 "--group-size", "16", "--calib-samples", "1", "--out", str(tmp_path / "x")])
+    assert "--group-size must be one of 32, 64, 128, 256 for int4" in str(result.exception)
     assert not (tmp_path / "x").exists()
     with pytest.raises(QuantizeError, match="unknown method 'int2'"):
         quantize_model(nn.Linear(4, 4), "int2")
@@ -206,15 +213,15 @@ def test_int8_embedding_is_per_row_rtn_and_round_trips_through_load_model(tiny, 
     ids = tok(["Can I change the delivery address?"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, q8(ids).logits)
-    with pytest.raises(QuantizeError, match="unknown embedding mode 'int4'"):
-        quantize_model(model, "int8-weight", embedding="int4")
+    with pytest.raises(QuantizeError, match="unknown embedding mode 'int2'"):
+        quantize_model(model, "int8-weight", embedding="int2")
 
 
 def test_pack_int4_by_hand():
     """Values are stored offset by 8: [-8, 7, 0, -1] -> nibbles [0, 15, 8, 7]; byte j holds column 2j
     low and 2j + 1 high: [0 | 15 << 4, 8 | 7 << 4] = [240, 120]. An odd row [3, -2, 5] -> [11, 6, 13]
     plus a padding nibble 8: [11 | 6 << 4, 13 | 8 << 4] = [107, 141]."""
-    from alignkit.compress.quantize import pack_int4, unpack_int4
+    from alignkit.compress.int4 import Int4Error, pack_int4, unpack_int4
 
     q = torch.tensor([[-8, 7, 0, -1]], dtype=torch.int8)
     packed = pack_int4(q)
@@ -224,17 +231,17 @@ def test_pack_int4_by_hand():
     assert pack_int4(odd).tolist() == [[107, 141]] and torch.equal(unpack_int4(pack_int4(odd), 3), odd)
     rand = torch.randint(-8, 8, (7, 33), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(unpack_int4(pack_int4(rand), 33), rand)
-    with pytest.raises(QuantizeError, match="outside the int4 range"):
+    with pytest.raises(Int4Error, match="outside the int4 range"):
         pack_int4(torch.tensor([[9, 0]], dtype=torch.int8))
 
 
 def test_int4_weights_take_about_half_the_bytes_of_int8():
-    """One Linear(1024, 256), groups of 32: int8 keeps 1 byte per value (+ a scale per row); packed int4
-    keeps 0.5 byte per value + a float32 scale per 32 values (0.125 byte) = 0.625 of int8, zero points
-    being all zero (symmetric) and not stored. Measured on the serialized bytes."""
+    """One Linear(1024, 256), groups of 32: int8 keeps 1 byte per value (+ a float32 scale per row);
+    packed int4 keeps 0.5 byte per value + a bf16 scale per 32 values (2 / 32 = 0.0625 byte) = 0.5625
+    of int8, zero points being all zero (symmetric) and not stored. Measured on the serialized bytes."""
     import io
 
-    from alignkit.compress.quantize import packed_int4_entry, unpacked_int4_tensor
+    from alignkit.compress.int4 import Int4Linear
 
     def nbytes(obj):
         buf = io.BytesIO()
@@ -243,31 +250,38 @@ def test_int4_weights_take_about_half_the_bytes_of_int8():
 
     torch.manual_seed(0)
     lin = nn.Linear(1024, 256, bias=False)
-    w4 = quantize_model(lin, "int4-weight", 32).weight
+    q4 = quantize_model(lin, "int4-weight", 32)
     w8 = quantize_model(lin, "int8-weight").weight
-    entry = packed_int4_entry(w4)
-    assert entry["zero_point"] is None and entry["packed"].shape == (256, 512)
+    entry = q4.disk_entry()
+    assert entry["zero_point"] is None and entry["packed"].shape == (256, 512) and entry["scale"].dtype == torch.bfloat16
     ratio = nbytes(entry) / nbytes(w8)
-    assert 0.6 < ratio < 0.66, ratio
-    rebuilt = unpacked_int4_tensor(entry)
-    assert type(rebuilt) is type(w4) and torch.equal(rebuilt.qdata, w4.qdata)
-    assert torch.equal(rebuilt.dequantize(), w4.dequantize())
+    assert 0.55 < ratio < 0.575, ratio
+    rebuilt = Int4Linear.from_disk_entry(entry)
+    assert torch.equal(rebuilt.packed, q4.packed) and torch.equal(rebuilt.scale_and_zero, q4.scale_and_zero)
+    assert torch.equal(rebuilt.dequantize(), q4.dequantize())
 
 
 def test_saved_int4_directory_is_packed_and_smaller_than_int8(tiny, tmp_path):
+    """On the tiny model (18,432 linear weights, a 300 x 32 tied embedding) with the embedding at the
+    same precision as the layers: int4 g32 measured 29.0 kB against int8's 50.3 kB; the bound is 0.65."""
     from alignkit.compress.quantize import PACKED_FILE, WEIGHTS_FILE
 
     model, tok = tiny
-    q4 = save_quantized(quantize_model(model, "int4-weight", 16), tok, tmp_path / "q4", {"method": "int4-weight"})
-    q8 = save_quantized(quantize_model(model, "int8-weight"), tok, tmp_path / "q8", {"method": "int8-weight"})
+    q4 = save_quantized(quantize_model(model, "int4-weight", 32, "int4"), tok, tmp_path / "q4",
+                        {"method": "int4-weight", "group_size": 32, "embedding": "int4"})
+    q8 = save_quantized(quantize_model(model, "int8-weight", embedding="int8"), tok, tmp_path / "q8",
+                        {"method": "int8-weight", "embedding": "int8"})
     packed = torch.load(q4 / PACKED_FILE, weights_only=True)
-    assert set(packed) == {f"{n}.weight" for n in quantizable_linears(model)}
-    assert all(e["packed"].dtype == torch.uint8 for e in packed.values())
-    assert not any(k in packed for k in torch.load(q4 / WEIGHTS_FILE, weights_only=True))
+    assert set(packed["layers"]) == set(quantizable_linears(model)) | {"model.embed_tokens.table"}
+    assert packed["embedding"] == {"table": "model.embed_tokens.table", "padding_idx": model.config.pad_token_id,
+                                   "dtype": "float32", "tied": True}
+    assert all(e["packed"].dtype == torch.uint8 and e["scale"].dtype == torch.bfloat16
+               for e in packed["layers"].values())
+    kept = torch.load(q4 / WEIGHTS_FILE, weights_only=True)
+    assert all("norm" in k for k in kept), list(kept)  # only the norms stay float
     size = lambda d: json.loads((d / "quantize.json").read_text())["weights_file_bytes"]
-    linear_values = sum(m.weight.numel() for m in quantizable_linears(model).values())
-    assert size(q4) < size(q8) - 0.3 * linear_values  # at least 0.3 byte per linear weight saved
+    assert size(q4) < 0.65 * size(q8), (size(q4), size(q8))
     from alignkit.compress.report import weights_kind  # the report's "weights" column
 
-    assert (weights_kind(q4), weights_kind(q8), weights_kind(tmp_path)) == ("int4-weight (2 per byte)",
-                                                                            "int8-weight", "float")
+    assert (weights_kind(q4), weights_kind(q8), weights_kind(tmp_path)) == (
+        "int4-weight g32 (2 per byte), int4 embedding", "int8-weight, int8 embedding", "float")

@@ -157,6 +157,6 @@ def test_serves_packed_int4_and_gguf_exports(tiny, tmp_path, monkeypatch):
         want = generate(served, served_tok, ["Hello there"], max_new_tokens=6, chat=False).tokens[0]
         with running(create_app(served, served_tok, served_name="m")) as url:
             r = httpx.post(f"{url}/completions", json={"model": "m", "prompt": "Hello there", "max_tokens": 6,
-                                                       "temperature": 0}).json()
+                                                       "temperature": 0}, timeout=60).json()
         assert r["choices"][0]["text"] == served_tok.decode(want, skip_special_tokens=True)
         assert r["usage"]["completion_tokens"] == len(want)

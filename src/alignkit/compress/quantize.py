@@ -19,19 +19,22 @@ earlier layers passed on.
 The output embedding (lm_head) is not quantized with torchao: in tied models it is the input
 embedding too, and it is the layer whose error reaches the logits undamped. With `embedding="int8"`
 the (tied) embedding is rounded to int8 with one scale per row (our RTN) and stored that way on
-disk; it is dequantized to float when loaded, so it saves bytes on disk but not memory. In
+disk; it is dequantized to float when loaded, so it saves bytes on disk but not memory. With
+`embedding="int4"` it becomes int4 in groups (bf16 scales) and stays packed in memory: the LM head
+runs on the int4 kernel and the input embedding looks its rows up in the same packed matrix. In
 SmolLM2-135M the embedding is 28.3M of 134.5M parameters, so this decides whether an int8 file is
-about 40% or 25% of the float32 one.
+about 40% or 25% of the float32 one, and whether an int4 file is about half of int8's.
 
 A saved directory holds config.json, the tokenizer, `quantized.pt` (the state dict with torchao's
 quantized tensors, loadable with torch.load(weights_only=True)) and `quantize.json` (method, group
 size, observer, calibration stats, per-layer errors), plus `embedding_int8.pt` with an int8 embedding.
 
-torchao's int4 tensor keeps one value per int8 byte. On disk an int4-weight directory stores two
-values per byte instead (`int4_packed.pt`: per layer the packed nibbles, the per-group scales and
-zero points, and the group size); `load_quantized` unpacks them back into torchao's tensor, so what
-runs after loading is bit-for-bit what ran before saving. Memory after loading is torchao's
-(one byte per value), so int4 halves the file, not the resident weights.
+int4-weight: torchao chooses the int4 values and scales (`IntxWeightOnlyConfig`, which keeps one
+value per int8 byte), then every such layer becomes an `Int4Linear` (int4.py) that keeps two values
+per byte with bf16 scales and runs on torch's CPU int4 kernel. On disk, `int4_packed.pt` holds per
+layer the packed nibbles, the bf16 scales (zero points only when not all zero) and the group size;
+`load_quantized` builds the same modules from it, so what runs after loading is bit-for-bit what ran
+before saving, and the weights stay packed in memory.
 """
 
 from __future__ import annotations
@@ -47,15 +50,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignkit.compress.int4 import (KERNEL_GROUP_SIZES, Int4Embedding, Int4Error, Int4Linear, pack_int4,
+                                    quantize_rows_int4, unpack_int4)
 from alignkit.errors import AlignkitError, DataError, ModelLoadError
 from alignkit.io import atomic_dir, read_jsonl
 
 METHODS = ("int8-weight", "int8-dynamic", "int4-weight")
 OBSERVERS = ("minmax", "percentile")
-EMBEDDINGS = ("float", "int8")
+EMBEDDINGS = ("float", "int8", "int4")
 WEIGHTS_FILE = "quantized.pt"
 EMBEDDING_FILE = "embedding_int8.pt"
 PACKED_FILE = "int4_packed.pt"
+PACKED_FORMAT = 2  # 2: bf16 scales, Int4Linear layers and an optional int4 embedding
 REPORT_FILE = "quantize.json"
 META_FILE = "alignkit.json"  # the same name loading.py reads: it tells a quantized directory apart
 DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "data" / "examples" / "shop_sft.jsonl"
@@ -115,29 +121,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return ((g - zero.float()[..., None]) * scale[..., None]).reshape(out_features, in_features)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Two int4 values per byte: (out, in) int8 in [-8, 7] -> (out, ceil(in / 2)) uint8.
-
-    Each value is stored offset by 8 (so 0..15); column 2j goes to the low nibble of byte j and
-    column 2j + 1 to the high nibble. An odd last column is paired with a zero nibble.
-    """
-    if q.dim() != 2 or q.dtype != torch.int8:
-        raise QuantizeError(f"pack_int4 expects a 2-D int8 tensor, got {q.dtype} of shape {tuple(q.shape)}")
-    if q.numel() and (q.min() < -8 or q.max() > 7):
-        raise QuantizeError("pack_int4: values outside the int4 range [-8, 7]")
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    if u.shape[1] % 2:
-        u = F.pad(u, (0, 1), value=8)  # a nibble for value 0, dropped again by unpack_int4
-    return u[:, 0::2] | (u[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The inverse of pack_int4: (out, ceil(in / 2)) uint8 -> (out, in_features) int8 in [-8, 7]."""
-    low = (packed & 0x0F).to(torch.int8) - 8
-    high = (packed >> 4).to(torch.int8) - 8
-    return torch.stack([low, high], dim=-1).flatten(1)[:, :in_features].contiguous()
-
-
 def rtn_weight(w: torch.Tensor, method: str, group_size: int) -> torch.Tensor:
     """Our RTN reference for `method`'s weights, dequantized to w's dtype."""
     bits, group = (4, group_size) if method == "int4-weight" else (8, None)
@@ -163,8 +146,9 @@ def check_group_size(model: nn.Module, method: str, group_size: int) -> None:
     """int4 groups must tile every quantized layer's input columns exactly."""
     if method != "int4-weight":
         return
-    if group_size <= 0:
-        raise QuantizeError(f"--group-size must be positive, got {group_size}")
+    if group_size not in KERNEL_GROUP_SIZES:
+        raise QuantizeError(f"--group-size must be one of {', '.join(map(str, KERNEL_GROUP_SIZES))} for "
+                            f"int4 (torch's CPU int4 kernel), got {group_size}")
     bad = [f"{name} (in_features {m.in_features})" for name, m in quantizable_linears(model).items()
            if m.in_features % group_size]
     if bad:
@@ -188,8 +172,10 @@ def torchao_config(method: str, group_size: int):
 def quantize_model(model: nn.Module, method: str, group_size: int = 32, embedding: str = "float") -> nn.Module:
     """Quantize a copy of `model` with torchao; the float model is left as it was.
 
-    embedding="int8" also rounds the input embedding (and a tied lm_head) to per-row int8, kept as
-    float values in memory so that what runs is what save_quantized stores.
+    int4-weight layers become Int4Linear (two values per byte, torch's int4 kernel). embedding="int8"
+    also rounds the input embedding (and a tied lm_head) to per-row int8, kept as float values in
+    memory so that what runs is what save_quantized stores; embedding="int4" makes it a packed int4
+    table in groups of `group_size` that the tied LM head multiplies with directly.
     """
     from torchao.quantization import quantize_
 
@@ -197,14 +183,45 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, embeddin
     check_group_size(model, method, group_size)
     if embedding not in EMBEDDINGS:
         raise QuantizeError(f"unknown embedding mode {embedding!r}: choose one of {', '.join(EMBEDDINGS)}")
+    if embedding == "int4" and group_size not in KERNEL_GROUP_SIZES:
+        raise QuantizeError(f"--embedding int4 needs --group-size in {', '.join(map(str, KERNEL_GROUP_SIZES))}, "
+                            f"got {group_size}")
     quantized = copy.deepcopy(model)
     names = set(quantizable_linears(quantized))
     quantize_(quantized, torchao_config(method, group_size), filter_fn=lambda m, fqn: fqn in names)
+    if method == "int4-weight":
+        quantized = swap_int4_linears(quantized)
     if embedding == "int8":
         weight = quantized.get_input_embeddings().weight
         with torch.no_grad():
             weight.copy_(dequantize(*quantize_rtn(weight, 8)).to(weight.dtype))
+    if embedding == "int4":
+        emb, head = quantized.get_input_embeddings(), quantized.get_output_embeddings()
+        try:
+            table = Int4Linear(*quantize_rows_int4(emb.weight, group_size), None, group_size)
+        except Int4Error as e:
+            raise QuantizeError(f"--embedding int4: {e}") from None
+        tied = head is not None and head.weight is emb.weight
+        install_int4_embedding(quantized, table, emb.padding_idx, emb.weight.dtype, tied)
     return quantized.eval()
+
+
+def swap_int4_linears(model: nn.Module) -> nn.Module:
+    """Every nn.Linear holding torchao's int4 tensor replaced by an Int4Linear (the root too, if it is one)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and is_int4_tensor(m.weight):
+            if not name:
+                return Int4Linear.from_torchao(m)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Int4Linear.from_torchao(m))
+    return model
+
+
+def install_int4_embedding(model: nn.Module, table: Int4Linear, padding_idx, dtype, tied: bool) -> None:
+    """The input embedding looks rows up in `table`; a tied LM head becomes `table` itself."""
+    model.set_input_embeddings(Int4Embedding(table, padding_idx, dtype))
+    if tied:
+        model.set_output_embeddings(table)
 
 
 def embedding_keys(model: nn.Module) -> list[str]:
@@ -379,27 +396,10 @@ def is_int4_tensor(t) -> bool:
     return type(t).__name__ == "IntxUnpackedToInt8Tensor" and t.target_dtype == torch.int4
 
 
-def packed_int4_entry(t) -> dict:
-    """What int4_packed.pt keeps of one torchao int4 weight: nibbles, scales, zero points, layout."""
-    if t.qdata.dim() != 2 or t.activation_quantization is not None:
-        raise QuantizeError(f"cannot pack an int4 tensor of shape {tuple(t.qdata.shape)} with activation "
-                            f"quantization {t.activation_quantization}")
-    # Symmetric int4 (torchao's default here) has all-zero zero points: not stored, rebuilt at load.
-    zero = None if not t.zero_point.any() else t.zero_point
-    return {"packed": pack_int4(t.qdata), "in_features": t.qdata.shape[1], "scale": t.scale,
-            "zero_point": zero, "zero_point_dtype": str(t.zero_point.dtype).removeprefix("torch."),
-            "block_size": list(t.block_size), "dtype": str(t.dtype).removeprefix("torch.")}
-
-
-def unpacked_int4_tensor(entry: dict):
-    """torchao's int4 weight rebuilt from a packed_int4_entry; equal to the tensor that was packed."""
-    from torchao.quantization import IntxUnpackedToInt8Tensor
-
-    scale, zero = entry["scale"], entry["zero_point"]
-    if zero is None:
-        zero = torch.zeros(scale.shape, dtype=getattr(torch, entry["zero_point_dtype"]), device=scale.device)
-    return IntxUnpackedToInt8Tensor(unpack_int4(entry["packed"], entry["in_features"]), scale, zero, torch.int4,
-                                    tuple(entry["block_size"]), getattr(torch, entry["dtype"]), None)
+def int4_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Int4Linear and Int4Embedding modules by name, shared ones under every name they have."""
+    return {name: m for name, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, (Int4Linear, Int4Embedding))}
 
 
 def save_quantized(quantized: nn.Module, tokenizer, out_dir: Path, report: dict) -> Path:
@@ -413,10 +413,18 @@ def save_quantized(quantized: nn.Module, tokenizer, out_dir: Path, report: dict)
             q, scale, _ = quantize_rtn(state[keys[0]], 8)  # exact: the weight is already on this grid
             torch.save({"keys": keys, "q": q, "scale": scale}, tmp / EMBEDDING_FILE)
             state = {k: v for k, v in state.items() if k not in keys}
-        packed = {k: packed_int4_entry(v) for k, v in state.items() if is_int4_tensor(v)}
+        packed = int4_modules(quantized)
         if packed:
-            torch.save(packed, tmp / PACKED_FILE)
-            state = {k: v for k, v in state.items() if k not in packed}
+            # named_modules (deduplicated) names a tied table once; the embedding entry says where it goes.
+            layers = {name: m.disk_entry() for name, m in quantized.named_modules() if isinstance(m, Int4Linear)}
+            emb = quantized.get_input_embeddings()
+            embedding = None
+            if isinstance(emb, Int4Embedding):
+                embedding = {"table": next(n for n, m in quantized.named_modules() if m is emb.table),
+                             "padding_idx": emb.padding_idx, "dtype": str(emb.dtype).removeprefix("torch."),
+                             "tied": quantized.get_output_embeddings() is emb.table}
+            torch.save({"format": PACKED_FORMAT, "layers": layers, "embedding": embedding}, tmp / PACKED_FILE)
+            state = {k: v for k, v in state.items() if not any(k.startswith(n + ".") for n in packed)}
         torch.save(state, tmp / WEIGHTS_FILE)
         report["weights_file_bytes"] = sum((tmp / f).stat().st_size
                                            for f in (WEIGHTS_FILE, EMBEDDING_FILE, PACKED_FILE)
@@ -427,8 +435,29 @@ def save_quantized(quantized: nn.Module, tokenizer, out_dir: Path, report: dict)
     return Path(out_dir)
 
 
+def install_int4_layers(model: nn.Module, packed: dict) -> None:
+    """Put the Int4Linear layers of an int4_packed.pt into `model` (built with empty weights)."""
+    if packed.get("format") != PACKED_FORMAT:
+        raise ModelLoadError(f"{PACKED_FILE} was written by an older alignkit (float32 scales, unpacked at "
+                             "load): quantize the model again")
+    layers = {name: Int4Linear.from_disk_entry(entry) for name, entry in packed["layers"].items()}
+    emb = packed["embedding"]
+    for name, layer in layers.items():
+        if emb is None or name != emb["table"]:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+    if emb is not None:
+        install_int4_embedding(model, layers[emb["table"]], emb["padding_idx"], getattr(torch, emb["dtype"]),
+                               emb["tied"])
+
+
 def load_quantized(path: Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from a directory written by save_quantized; the model is in eval mode."""
+    """(model, tokenizer) from a directory written by save_quantized; the model is in eval mode.
+
+    The model is built with empty (meta) parameters, so no float copy of the weights is ever made:
+    memory after loading is the quantized tensors plus the float norms (and embedding, unless int4).
+    """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from alignkit.models.loading import load_tokenizer
@@ -436,8 +465,13 @@ def load_quantized(path: Path, device: str | torch.device = "cpu"):
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file() or not (path / REPORT_FILE).is_file():
         raise ModelLoadError(f"{path}: not a quantized model directory (needs {WEIGHTS_FILE} and {REPORT_FILE})")
+    if (path / PACKED_FILE).is_file() and torch.device(device).type != "cpu":
+        raise ModelLoadError(f"{path}: int4 weights run on torch's CPU int4 kernel; load with --device cpu")
     import torchao  # noqa: F401  (registers torchao's tensor types as safe for weights_only loading)
 
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) real
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
     try:
         state = torch.load(path / WEIGHTS_FILE, map_location=device, weights_only=True)
         if (path / EMBEDDING_FILE).is_file():
@@ -445,15 +479,18 @@ def load_quantized(path: Path, device: str | torch.device = "cpu"):
             weight = dequantize(emb["q"], emb["scale"], torch.zeros_like(emb["q"][:, :1]))
             state.update({k: weight for k in emb["keys"]})
         if (path / PACKED_FILE).is_file():
-            packed = torch.load(path / PACKED_FILE, map_location=device, weights_only=True)
-            state.update({k: unpacked_int4_tensor(entry) for k, entry in packed.items()})
+            install_int4_layers(model, torch.load(path / PACKED_FILE, map_location=device, weights_only=True))
+    except (ModelLoadError, Int4Error):
+        raise
     except Exception as e:
         raise ModelLoadError(f"{path / WEIGHTS_FILE}: cannot load: {e}") from None
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-    # assign=True puts torchao's tensors in place of the fresh float parameters as they are.
-    model.load_state_dict(state, assign=True)
-    model.tie_weights()
+    # assign=True puts the loaded tensors (torchao's among them) in place of the empty parameters as they are.
+    model.load_state_dict(state, assign=True, strict=False)
+    if not isinstance(model.get_input_embeddings(), Int4Embedding):
+        model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise ModelLoadError(f"{path}: no weights for {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     model.to(device)
     model.eval()
     return model, load_tokenizer(path)
@@ -488,7 +525,9 @@ def quantize(model_spec: str, out_dir: Path, *, method: str, group_size: int = 3
                                       for t in texts)},
         "layers_quantized": len(layers),
         "embedding": embedding,
-        "kept_float": "output embedding (lm_head)" if embedding == "float" else None,
+        "kept_float": {"float": "norms; the (tied) embedding and lm_head: their error reaches the logits undamped",
+                       "int8": "norms; the embedding is int8 on disk, float in memory",
+                       "int4": "norms only"}[embedding],
         "mean_rel_error": sum(l.rel_error for l in layers) / max(len(layers), 1),
         "max_rel_error": max((l.rel_error for l in layers), default=0.0),
         "seconds": round(seconds, 2),

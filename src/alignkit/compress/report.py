@@ -9,7 +9,9 @@ to a few shipped prompts.
 
 Memory and speed come from a fresh subprocess per model that loads it and generates at batch 1 and
 8 with a fixed thread count: its peak RSS (ru_maxrss) is what loading and running the model cost,
-with nothing left over from the other models. Quality is measured in this process, one text at a
+with nothing left over from the other models. Memory after load is given two ways: the bytes of the
+model's parameters and buffers as they sit in memory (`weight_bytes`: int4 counts its packed bytes),
+and the growth of the process's resident set from before to after loading. Quality is measured in this process, one text at a
 time, so padding never enters perplexity or KL.
 
 Writes report.md (a table), metrics.json and size_vs_quality.png (bytes on disk against perplexity).
@@ -49,10 +51,13 @@ args = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(args["threads"])
 from alignkit.models import load_model
+from alignkit.compress.report import current_rss, weight_bytes
 rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss_before = current_rss()
 model, tok = load_model(args["model"], device="cpu")
 tok.padding_side = "left"
-out = {"rss_after_imports": rss_imports}
+out = {"rss_after_imports": rss_imports, "load_rss_growth": current_rss() - rss_before,
+       "weight_bytes": weight_bytes(model)}
 for batch in args["batches"]:
     enc = tok(args["prompts"][:batch], return_tensors="pt", padding=True)
     kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
@@ -90,19 +95,57 @@ def weights_kind(directory: Path) -> str:
         kind += f" g{recorded['group_size']}"
     if (Path(directory) / "int4_packed.pt").is_file():
         kind += " (2 per byte)"
-    if recorded.get("embedding") == "int8":
-        kind += ", int8 embedding"
+    if recorded.get("embedding") in ("int8", "int4"):
+        kind += f", {recorded['embedding']} embedding"
     return kind
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(total, non-zero) parameters; quantized tensors are counted by their logical shape, after dequantizing."""
+    """(total, non-zero) parameters; quantized tensors are counted by their logical shape, after dequantizing.
+
+    Int4Linear keeps its weight in buffers (packed bytes), so each is counted once by its (out, in) shape.
+    """
+    from alignkit.compress.int4 import Int4Linear
+
     total = nonzero = 0
     for p in model.parameters():
         dense = p.dequantize() if type(p) not in (torch.Tensor, torch.nn.Parameter) else p
         total += p.numel()
         nonzero += int(torch.count_nonzero(dense.detach()))
+    for m in model.modules():  # deduplicated: a tied int4 table is counted once
+        if isinstance(m, Int4Linear):
+            total += m.out_features * m.in_features
+            nonzero += int(torch.count_nonzero(m.dequantize()))
     return total, nonzero
+
+
+def weight_bytes(model) -> int:
+    """Bytes that `model`'s parameters and buffers occupy, each storage once (tied weights share one).
+
+    Tensor subclasses (torchao's quantized tensors) are counted by the plain tensors inside them.
+    """
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
+        key = (t.untyped_storage().data_ptr(), t.dtype, t.shape)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t)
+    return total
+
+
+def current_rss() -> int:
+    """This process's resident set now, in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure_speed(spec: str, threads: int = 2, new_tokens: int = 16, batches=(1, 8)) -> dict:
@@ -186,6 +229,7 @@ def measure(specs: dict[str, str], *, eval_text: Path | None = None, max_length:
             reference = reference_logprobs(model, rows)
         total, nonzero = count_parameters(model)
         row = {"name": name, "model": spec, "parameters": total, "nonzero_parameters": nonzero,
+               "weight_bytes": weight_bytes(model),
                "weights": weights_kind(model_dir(spec)), "disk_bytes": disk_bytes(model_dir(spec)),
                **quality(model, rows, reference)}
         if reward_fn is not None:
@@ -204,7 +248,8 @@ def measure(specs: dict[str, str], *, eval_text: Path | None = None, max_length:
 def markdown(results: list[dict], threads: int) -> str:
     """The side-by-side table, baseline first."""
     reward = "reward" in results[0]
-    head = ["model", "weights", "params (M)", "non-zero (M)", "disk (MB)", "size ratio", "peak RSS (MB)",
+    head = ["model", "weights", "params (M)", "non-zero (M)", "disk (MB)", "size ratio", "in memory (MB)",
+            "RSS growth at load (MB)", "peak RSS (MB)",
             "tok/s b1", "tok/s b8", "perplexity", "ppl ratio", "top-1 agree", "KL"]
     head += ["reward", "toxicity"] if reward else []
     lines = ["# Compression report", "",
@@ -217,7 +262,8 @@ def markdown(results: list[dict], threads: int) -> str:
 
     for r in results:
         cells = [r["name"], r["weights"], f"{r['parameters'] / 1e6:.2f}", f"{r['nonzero_parameters'] / 1e6:.2f}",
-                 f"{r['disk_bytes'] / 1e6:.1f}", f"{r['size_ratio']:.3f}", num(r, "peak_rss", ".0f", 1e6),
+                 f"{r['disk_bytes'] / 1e6:.1f}", f"{r['size_ratio']:.3f}", f"{r['weight_bytes'] / 1e6:.1f}",
+                 num(r, "load_rss_growth", ".0f", 1e6), num(r, "peak_rss", ".0f", 1e6),
                  num(r, "tokens_per_s_batch1", ".1f"), num(r, "tokens_per_s_batch8", ".1f"), f"{r['perplexity']:.3f}",
                  f"{r['perplexity_ratio']:.3f}", f"{r['top1_agreement']:.3f}", f"{r['kl_vs_baseline']:.3g}"]
         cells += [f"{r['reward']:.3f}", f"{r['toxicity']:.3f}"] if reward else []
