@@ -39,7 +39,7 @@ class CompletionCache:
         first = self.models.index(name) * n  # models are cached one after another, in order
         have = self._records[first:first + n]
         starts = range(len(have), n, self.batch_size)
-        for start in tqdm(starts, desc=f"eval {name}", unit="batch", initial=len(have) // self.batch_size,
+        for start in tqdm(starts, desc=f"eval {name}", unit="batch", initial=-(-len(have) // self.batch_size),
                           total=-(-n // self.batch_size)):
             batch = self.prompts[start:start + self.batch_size]
             gen = generate(model, tokenizer, batch, max_new_tokens=self.max_new_tokens)
