@@ -106,7 +106,8 @@ def test_prefs_judge_killed_mid_chunk_resumes_to_the_uninterrupted_file(tmp_path
                         "--format", "pairs"]
     run_full(args(tmp_path / "full.jsonl"))
     figures = check_killed_then_resumed(args(tmp_path / "killed.jsonl"), tmp_path / "killed.jsonl",
-                                        tmp_path / "full.jsonl", kill_at=2, continued=["judging:  40%|████      | 48/120"])
+                                        tmp_path / "full.jsonl", kill_at=2, continued=["resuming", "16 of 40 record(s) already judged",
+                                                                    "judging:  40%|████      | 48/120"])
     assert figures["units_done"] == 16  # records judged before the killed chunk
     print("prefs judge", figures)
 

@@ -93,6 +93,8 @@ def judge_file(candidates_path: Path | str, judge_config: Path | str | JudgeConf
     writer = ResumableJsonl(out_path, {"command": "prefs judge", "candidates": file_digest(candidates_path),
                                        "judge": judge_id, "format": fmt, "min_margin": min_margin,
                                        "chunk_size": chunk_size}, restart=restart)
+    if writer.resumed:  # said, as the other data jobs say it: the rerun continues, it does not start over
+        print(f"resuming {out_path}: {writer.done} of {len(records)} record(s) already judged")
     # Two records with one prompt may share completions; the pairs file takes each pair once, also
     # across a restart, so the pairs already written count as seen.
     seen_pairs = {(r["prompt"], r["chosen"].strip(), r["rejected"].strip())
