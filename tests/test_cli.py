@@ -66,8 +66,8 @@ def test_bad_input_names_the_place_and_writes_no_run(case, tmp_path, tiny_model_
         cfg["learning_rte"] = 0.1
         expect = ["c.yaml:7: learning_rte: unknown key"]
     elif case == "bad_jsonl":
-        data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n{not json\n')
-        expect = [f"{data}: 1 problem(s)", "line 3: invalid JSON"]
+        data.write_text('{"prompt": "a"}\n{not json\n')  # no usable line (one would be used: exit 3)
+        expect = [f"{data}: 2 problem(s)", "line 1: missing field 'completion'", "line 2: invalid JSON"]
     elif case == "missing_model":
         cfg["model"] = str(tmp_path / "no-such-model")
         expect = ["no-such-model': no such file or directory"]
