@@ -31,8 +31,9 @@ def quantize_cmd(
     model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP),
     method: str = typer.Option(..., help="int8-weight (int8 weights, per-channel), int8-dynamic (int8 weights "
                                          "and per-token int8 activations) or int4-weight (group-wise int4 weights)."),
-    group_size: int = typer.Option(32, help="int4-weight only: input columns sharing one scale; must divide "
-                                            "every layer's input size."),
+    group_size: int = typer.Option(32, help="int4-weight (and --embedding int4): input columns sharing one bf16 "
+                                            "scale: 32, 64, 128 or 256 (torch's CPU int4 kernel); must divide "
+                                            "every layer's input size. 32 is closest to float, 64 a little smaller."),
     calib: Optional[Path] = typer.Option(None, help="Calibration text: JSONL (prompt + completion, text, or "
                                                      "messages) or one text per line. Default: the shipped "
                                                      "shop_sft.jsonl."),
@@ -40,9 +41,11 @@ def quantize_cmd(
     observer: str = typer.Option("minmax", help="Activation range per layer: minmax (max |x|) or percentile "
                                                 "(--percentile of |x|, which ignores rare outliers)."),
     percentile: float = typer.Option(99.9, help="Percentile of |x| for --observer percentile."),
-    embedding: str = typer.Option("float", help="The (tied) embedding: float (kept as is) or int8 (one scale per "
-                                                "row, stored int8 on disk, dequantized when loaded; shrinks "
-                                                "the file, not the memory)."),
+    embedding: str = typer.Option("float", help="The (tied) embedding and LM head: float (kept as is), int8 (one "
+                                                "scale per row, stored int8 on disk, dequantized when loaded; "
+                                                "shrinks the file, not the memory) or int4 (groups of --group-size, "
+                                                "packed on disk and in memory; the smallest, and the largest loss: "
+                                                "the head's error reaches the logits undamped)."),
     top: int = typer.Option(20, help="Layers shown in the table (all are in the JSON report)."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
 ):

@@ -19,6 +19,14 @@ called. The score that is compared depends on the mode, because search's scores 
                  rarity) and off-topic questions that share one rare word score as high as real
                  ones, so the default 0.0 only abstains when no chunk shares a word with the
                  question; pass min_score after looking at the scores `rag query --json` prints.
+
+Answering through a server (`server=OpenAIBackend(...)`, `rag ask --base-url`). The prompt is still
+budgeted, but without the served model's tokenizer: every UTF-8 byte counts as one token, which
+is an upper bound for byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM, Qwen: a token covers at
+least one byte), plus SERVER_TEMPLATE_TOKENS per message for the server's chat template (role
+markers). English prose runs about 4 bytes per token, so the bound gives passages about a quarter
+of the room they could have: safe rather than tight. The window comes from the server's
+`/v1/models` entry (`max_model_len`, as alignkit serve and vLLM report it) or from the caller.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ DEFAULT_MIN_SCORE: dict[str, float] = {"dense": 0.30, "hybrid": 0.30, "bm25": 0.
 """Relevance threshold per mode (see the module docstring for what is compared and why these values)."""
 
 DEFAULT_ANSWER_TOKENS = 128
+SERVER_TEMPLATE_TOKENS = 16
+"""Tokens allowed per message for a server's chat template (ChatML adds 5; Llama 3 about 5)."""
 
 _CITATION = re.compile(r"\[(\d+)\]")
 
@@ -139,6 +149,43 @@ def relevance_score(
     return hits[0].score if hits else None
 
 
+class Utf8Budget:
+    """Stands in for a tokenizer the prompt budget cannot see: one token per UTF-8 byte (an upper bound
+    for byte-level BPE; see the module docstring). Trimming cuts at a byte, dropping a split character."""
+
+    chat_template = None  # render_prompt joins the messages' texts; the template is SERVER_TEMPLATE_TOKENS
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="ignore")
+
+
+def served_context_window(server) -> int:
+    """The served model's context length from `{base_url}/models` (max_model_len, or context_length)."""
+    import os
+
+    import httpx
+
+    url = f"{server.base_url}/models"
+    key = os.environ.get(server.api_key_env)
+    try:
+        response = httpx.get(url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=server.timeout)
+        response.raise_for_status()
+        entries = response.json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise AlignkitError(f"GET {url}: cannot read the served models ({type(exc).__name__}: {exc}); "
+                            "is the server running? Or pass --context-tokens") from None
+    entry = next((e for e in entries if e.get("id") == server.name), entries[0] if len(entries) == 1 else None)
+    window = (entry or {}).get("max_model_len") or (entry or {}).get("context_length")
+    if not window:
+        served = ", ".join(str(e.get("id")) for e in entries)
+        raise AlignkitError(f"GET {url}: no context length for model {server.name!r} (served: {served}); "
+                            "pass --context-tokens")
+    return int(window)
+
+
 def context_window(model: object) -> int:
     """Positions the model can attend over, from its config."""
     window = getattr(model.config, "max_position_embeddings", None)  # type: ignore[attr-defined]
@@ -234,6 +281,8 @@ def answer_question(
     prompt: RagPrompt | None = None,
     embedder: Embedder | None = None,
     max_passages: int | None = None,
+    server: object | None = None,
+    window: int | None = None,
 ) -> Answer:
     """Retrieve k passages for `question`; abstain below the relevance threshold, else answer with `model`.
 
@@ -243,6 +292,8 @@ def answer_question(
     max_new_tokens: the answer budget, reserved in the context window before passages are added.
     max_passages: show the model only the best this many of the k hits (a small reader does better
     with one good passage than with five); retrieval itself still returns k.
+    server: an OpenAIBackend to answer instead of `model`; `window` is its context length in tokens
+    (default: asked from the server). prompt_tokens is then the byte bound, not a token count.
     """
     if not question.strip():
         raise AlignkitError("the question is empty")
@@ -262,10 +313,21 @@ def answer_question(
         result.abstained = True
         result.answer = prompt.abstain.format(score=relevance if relevance is not None else float("nan"), threshold=threshold)
         return result
-    if model is None:
+    if model is None and server is None:
         result.passages = hits
         return result
     from alignkit.models import generate, render_prompt
+
+    if server is not None:
+        allowance = 2 * SERVER_TEMPLATE_TOKENS  # system and user messages
+        window = window or served_context_window(server)
+        budget = Utf8Budget()
+        messages, result.passages, count = build_prompt(
+            question, hits[:max_passages], budget, window - allowance, max_new_tokens, prompt
+        )
+        result.prompt_tokens, result.prompt = count + allowance, render_prompt(budget, messages)
+        result.answer = server.chat(messages, max_tokens=max_new_tokens, temperature=0.0).strip()
+        return result
 
     messages, result.passages, result.prompt_tokens = build_prompt(
         question, hits[:max_passages], tokenizer, context_window(model), max_new_tokens, prompt

@@ -149,7 +149,18 @@ def ask_cmd(
     passages: Optional[int] = typer.Option(None, "--passages", help="Show the model only the best N of the k "
                                            "passages (a small model answers better from one good passage)."),
     mode: str = typer.Option("hybrid", help=MODE_HELP),
-    model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP + "; with --base-url, the served "
+                              "model's name"),
+    base_url: Optional[str] = typer.Option(None, help="Answer with an OpenAI-compatible server instead of a local "
+                                           "model, e.g. http://127.0.0.1:8000/v1 (`alignkit serve`). Without the "
+                                           "served tokenizer the prompt is budgeted at one token per UTF-8 byte "
+                                           "(an upper bound for byte-level BPE tokenizers, about 4x what English "
+                                           "needs) plus 16 tokens per message for the chat template."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="With --base-url: environment variable holding the "
+                                    "server's API key (sent as a Bearer token; never printed)."),
+    context_tokens: Optional[int] = typer.Option(None, help="With --base-url: the served model's context window in "
+                                                 "tokens. Default: read from the server's /v1/models "
+                                                 "(max_model_len, which alignkit serve and vLLM report)."),
     min_score: Optional[float] = typer.Option(None, help=MIN_SCORE_HELP),
     max_new_tokens: int = typer.Option(DEFAULT_ANSWER_TOKENS, help="Answer budget in tokens, reserved in the context window."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt", help="Prompt template YAML (default: the shipped "
@@ -165,16 +176,24 @@ def ask_cmd(
     """Answer a question from the index, citing the passages used, or say it does not know.
 
     Example: alignkit rag ask --index rag.db "How many vacation days do I get?"
+    Served:  alignkit rag ask --index rag.db "..." --base-url http://127.0.0.1:8000/v1 --model embedded
     """
     _check_mode(mode)
+    if context_tokens is not None and context_tokens < 1:
+        raise typer.BadParameter("must be a positive number of tokens", param_hint="--context-tokens")
     prompt = load_prompt(prompt_file) if prompt_file else load_prompt()
-    loaded = (None, None)
-    if generate:
+    loaded, server = (None, None), None
+    if generate and base_url:
+        from alignkit.apps.agents.backends import OpenAIBackend
+
+        server = OpenAIBackend(base_url, model, api_key_env=api_key_env)
+    elif generate:
         from alignkit.models import load_model
 
         loaded = load_model(model, device=device)
     result = answer_question(index, question, *loaded, k=k, mode=mode, min_score=min_score,
-                             max_new_tokens=max_new_tokens, prompt=prompt, max_passages=passages)
+                             max_new_tokens=max_new_tokens, prompt=prompt, max_passages=passages,
+                             server=server, window=context_tokens)
     if as_json:
         print(_dump(result.to_json()))
         return
