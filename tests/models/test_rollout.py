@@ -8,7 +8,7 @@ import torch
 
 from alignkit.models import attach_lora, generate, load_model
 from alignkit.models.rollout import RolloutEngine, engine_for
-from alignkit.models.sampling import row_seeds, sample, uniforms
+from alignkit.models.sampling import draw, row_seeds, sample, uniforms
 
 PROMPTS = ["Where is my order?", "Hi", "Can I return a pair of shoes that do not fit me at all?"]
 
@@ -270,3 +270,44 @@ def test_engine_on_embedded_model_matches_transformers_greedy():
     for ids, toks in zip(out.prompt_ids, out.tokens):
         assert toks == hf_greedy(model, ids, 8, tok.eos_token_id)
     assert "Paris" in out.texts[0]
+
+
+def test_two_level_draw_equals_a_full_inverse_cdf_and_skips_zeros():
+    """The block-wise draw picks the same entry as one float64 cumulative sum over the whole
+    vocabulary (a vocabulary of 1000: three full blocks and a padded one), bar a few rows whose u falls
+    within rounding of an edge between two entries, and never a zero entry."""
+    torch.manual_seed(0)
+    probs = torch.rand(4000, 1000) ** 8  # peaked, like a softmax
+    probs[:, 300:700] = 0.0  # a gap spanning whole blocks and parts of blocks
+    probs[:, 999] = 0.0  # the last entry, in the padded block
+    u = uniforms(row_seeds(9, 4000), 0)
+    cdf = probs.double().cumsum(dim=1)
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    got = draw(probs, u)
+    differ = (got != expected).nonzero().squeeze(1)  # rounding of the block sums at an entry's edge only
+    assert len(differ) <= 4 and ((got[differ] - expected[differ]).abs() == 1).all()
+    assert probs.gather(1, got[:, None]).min() > 0
+    one_hot = torch.zeros(3, 1000)
+    one_hot[0, 0], one_hot[1, 999], one_hot[2, 511] = 1.0, 1.0, 1.0
+    assert draw(one_hot, torch.tensor([0.999999, 0.0, 0.5], dtype=torch.float64)).tolist() == [0, 999, 511]
+
+
+def test_min_new_tokens_bans_eos_but_not_the_logprobs(tiny):
+    """A processor that makes EOS certain ends every row at its first token; min_new_tokens=5 holds
+    EOS off for exactly five tokens (EOS is then the sixth); the log-probs stay those of the model's
+    own softmax (a forward pass), untouched by the ban."""
+    model, tok = tiny
+    engine = RolloutEngine(model, tok)
+    eos = engine.eos[0]
+
+    def force_eos(input_ids, scores):
+        scores[:, eos] = 1e4
+        return scores
+
+    ended = engine.generate(PROMPTS, max_new_tokens=12, logits_processor=force_eos)
+    assert ended.tokens == [[eos]] * len(PROMPTS) and all(ended.finished)
+    held = engine.generate(PROMPTS, max_new_tokens=12, temperature=1.0, seed=3, logits_processor=force_eos,
+                           min_new_tokens=5, return_logprobs=True)
+    assert all(len(t) == 6 and eos not in t[:5] and t[5] == eos for t in held.tokens) and all(held.finished)
+    for ids, toks, lp in zip(held.prompt_ids, held.tokens, held.logprobs):
+        assert torch.allclose(lp, forward_logprobs(model, ids, toks, 1.0), atol=1e-4)

@@ -63,7 +63,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt | list[int]], *, n: int 
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | list[int] | None = None, return_logprobs: bool = False, chat: bool = True,
              batch_size: int | None = None, streamer=None, progress: str | None = None,
-             logits_processor=None, on_step=None) -> Generation:
+             logits_processor=None, on_step=None, min_new_tokens: int = 0) -> Generation:
     """Generate `n` completions of each prompt with the rollout engine (`alignkit.models.rollout`), in
     batches of `batch_size` rows (default: all at once); `progress` names a progress bar over the batches.
 
@@ -77,4 +77,4 @@ def generate(model, tokenizer, prompts: Sequence[Prompt | list[int]], *, n: int 
     return engine_for(model, tokenizer).generate(
         prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed, return_logprobs=return_logprobs, chat=chat, batch_size=batch_size, progress=progress,
-        streamer=streamer, logits_processor=logits_processor, on_step=on_step)
+        streamer=streamer, logits_processor=logits_processor, on_step=on_step, min_new_tokens=min_new_tokens)

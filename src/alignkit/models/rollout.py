@@ -145,7 +145,8 @@ class RolloutEngine:
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | list[int] | None = None, return_logprobs: bool = False, chat: bool = True,
                  batch_size: int | None = None, progress: str | None = None, streamer=None,
-                 logits_processor: LogitsProcessor | None = None, on_step: OnStep | None = None) -> Generation:
+                 logits_processor: LogitsProcessor | None = None, on_step: OnStep | None = None,
+                 min_new_tokens: int = 0) -> Generation:
         """Complete each prompt `n` times; rows are prompt-major (prompt i's completions are rows
         i*n .. i*n+n-1) and `prompt_ids` has one entry per row.
 
@@ -160,13 +161,16 @@ class RolloutEngine:
         logits_processor(input_ids, scores) -> scores: applied to the raw (B, V) scores before
         sampling; input_ids (B, T) holds each row's prompt and the tokens generated so far, padded with
         the pad token (on the left of each prompt's part after the prefix all rows of the batch share).
+        min_new_tokens: EOS is banned (its scores set to -inf) for each row's first `min_new_tokens` new
+        tokens, as transformers' `min_new_tokens` does; min_new_tokens = max_new_tokens gives completions
+        of a fixed length (benchmarks). Like `logits_processor`, it changes the draw, not `logprobs`.
         on_step(step, tokens, finished): called after every step with each row's new token (B,) (the
         pad token for rows already done) and the finished mask (B,), over the rows of the batch being
         decoded (all rows when batch_size is None); a returned bool mask ends those rows, keeping the
         token of that step (`finished` stays True only for rows that ended with EOS).
         """
-        if n < 1 or max_new_tokens < 0:
-            raise ValueError("n must be >= 1 and max_new_tokens >= 0")
+        if n < 1 or max_new_tokens < 0 or min_new_tokens < 0:
+            raise ValueError("n must be >= 1, max_new_tokens >= 0 and min_new_tokens >= 0")
         unique = encode_prompts(self.tokenizer, prompts, chat)
         prompt_ids = [ids for ids in unique for _ in range(n)]
         seeds = row_seeds(seed, len(prompt_ids))
@@ -188,7 +192,7 @@ class RolloutEngine:
             rows = order[start:start + size]
             tokens, finished, logprobs = self._decode(
                 [prompt_ids[r] for r in rows], seeds[rows], max_new_tokens, temperature, top_p, top_k,
-                return_logprobs, streamer, logits_processor, on_step)
+                return_logprobs, streamer, logits_processor, on_step, min_new_tokens)
             for i, r in enumerate(rows):
                 out.tokens[r], out.finished[r] = tokens[i], finished[i]
                 if return_logprobs:
@@ -199,7 +203,8 @@ class RolloutEngine:
         return out
 
     def _decode(self, prompts: list[list[int]], seeds: torch.Tensor, max_new_tokens: int, temperature: float,
-                top_p: float, top_k: int, return_logprobs: bool, streamer, logits_processor, on_step):
+                top_p: float, top_k: int, return_logprobs: bool, streamer, logits_processor, on_step,
+                min_new_tokens: int = 0):
         """One batch: prefill the prompts into a static cache, then one token per step for the rows
         still running. The prompts' common prefix (a system prompt, few-shot examples) is computed once
         and each distinct prompt's rest once (rows repeating a prompt, as with n > 1, copy its cache rows).
@@ -257,6 +262,10 @@ class RolloutEngine:
                     scores = logits_processor(seq[:, :P + step], full)[rows]
             else:
                 scores = raw
+            if step < min_new_tokens:  # ban EOS in place, on a copy when `raw` is still needed for logprobs
+                if scores is raw and return_logprobs:
+                    scores = raw.clone()
+                scores[:, eos] = float("-inf")
             tok = sample(scores, uniforms(seeds[rows.cpu()], step).to(device), temperature, top_k, top_p)
             tok = torch.where(done[rows], self.pad_id, tok)
             if return_logprobs:

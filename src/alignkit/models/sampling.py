@@ -51,14 +51,32 @@ def uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
     return ((x >> 11) & ((1 << 53) - 1)).double() * 2.0 ** -53
 
 
+BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF
+
+
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: for each row the first index whose cumulative probability exceeds u * total.
 
-    `probs` (B, V) need not be normalised; zero-probability entries are never chosen (right=True).
+    `probs` (B, V) need not be normalised; zero-probability entries are never chosen. Two levels, so
+    no cumulative sum runs over the whole vocabulary: the sums of blocks of BLOCK entries pick a
+    block (cumulated in float64), then a cumulative sum inside that block alone picks the entry.
     """
-    cdf = probs.cumsum(dim=-1)
-    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    rows, vocab = probs.shape
+    n_blocks = -(-vocab // BLOCK)
+    if n_blocks * BLOCK != vocab:
+        probs = torch.nn.functional.pad(probs, (0, n_blocks * BLOCK - vocab))
+    blocks = probs.view(rows, n_blocks, BLOCK)
+    cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)
+    # u < 1, but u * total may round up to the total: stay strictly below it, so that the chosen
+    # block (and below, the chosen entry) has a positive probability.
+    total = cdf[:, -1]
+    target = torch.minimum(u.double() * total, total * (1 - 2.0 ** -40))
+    block = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp_(max=n_blocks - 1)
+    before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+    inner = blocks[torch.arange(rows, device=probs.device), block].double().cumsum(dim=-1)
+    rest = torch.minimum(target - before, inner[:, -1] * (1 - 2.0 ** -40))
+    entry = torch.searchsorted(inner, rest[:, None], right=True).squeeze(1).clamp_(max=BLOCK - 1)
+    return (block * BLOCK + entry).clamp_(max=vocab - 1)
 
 
 def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int = 0,
@@ -68,12 +86,14 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int
     mass (the same filters, in the same order, as transformers' warpers), drawn with the uniforms `u`."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    scores = logits.float() / temperature
+    scores = logits.float()
+    if temperature != 1.0:
+        scores = scores / temperature
     if 0 < top_k < scores.shape[1]:
         kth = scores.topk(top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p >= 1.0:  # no sort of the vocabulary
-        return draw(torch.softmax(scores, dim=-1), u)
+    if top_p >= 1.0:  # no sort of the vocabulary, and no normalisation: draw() takes unnormalised weights
+        return draw((scores - scores.amax(dim=-1, keepdim=True)).exp_(), u)
     sorted_scores, order = scores.sort(dim=-1, descending=True)
     probs = torch.softmax(sorted_scores, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
