@@ -85,6 +85,13 @@ def commands(tiny: str, reward_dir: str = "") -> dict[str, tuple[str, dict[str, 
         "train reward pairs": (".jsonl", jsonl_inputs("pairs"), lambda p, t: [
             "train", "reward", "--config", "configs/reward.yaml", f"model={tiny}", f"data.train={p}",
             "data.eval=null", "max_steps=1", "micro_batch_size=1", "grad_accum=1", f"output_dir={t / 'runs'}", "run_name=bad"]),
+        "train dpo pairs": (".jsonl", jsonl_inputs("pairs"), lambda p, t: [
+            "train", "dpo", "--config", "configs/dpo.yaml", f"model={tiny}", f"data.train={p}", "data.eval=null",
+            "max_steps=1", "micro_batch_size=1", "grad_accum=1", f"output_dir={t / 'runs'}", "run_name=bad"]),
+        "train grpo prompts": (".jsonl", jsonl_inputs("prompts"), lambda p, t: [
+            "train", "grpo", "--config", "configs/grpo.yaml", f"model={tiny}", f"data.prompts={p}",
+            f"reward={write(t / 'judge.yaml', JUDGE_YAML.encode())}", "rollout_batch=1", "group_size=2",
+            "max_new_tokens=4", "max_steps=1", f"output_dir={t / 'runs'}", "run_name=bad"]),
         "prefs from-rankings": (".jsonl", jsonl_inputs("rankings"), lambda p, t: [
             "prefs", "from-rankings", str(p), str(t / "out.jsonl")]),
         "prefs judge candidates": (".jsonl", jsonl_inputs("rankings"), lambda p, t: [
