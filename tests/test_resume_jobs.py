@@ -8,7 +8,8 @@ line in a subprocess and, at the N-th batch the job appends, writes that batch w
 torn in half and then SIGKILLs its own process. The output then ends with a batch that was written
 but never recorded as done, cut in the middle of a line: the rerun must drop it and do it again.
 The uninterrupted run and the rerun go through typer's CliRunner in this process (a subprocess pays
-~7 s of imports).
+~7 s of imports). One more test kills a plain `eval` from outside, at whatever point it has reached
+once 16 completions are recorded.
 """
 
 from __future__ import annotations
@@ -162,3 +163,37 @@ def test_eval_killed_mid_batch_resumes_to_the_uninterrupted_completions_and_metr
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("full", "killed")]
     assert metrics[0] == metrics[1]
     print("eval", figures)
+
+
+def test_eval_killed_from_outside_at_an_unplanned_moment_resumes_to_the_uninterrupted_file(tmp_path,
+                                                                                           tiny_model_dir):
+    """No hook this time: the test SIGKILLs a plain `alignkit eval` as soon as its progress file
+    records 16 completions, wherever the job then is (mostly inside a generation), and the rerun
+    ends with the uninterrupted run's completions."""
+    import time
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Can I return item {i} after a month?\n" for i in range(40)))
+    args = lambda out: ["eval", "--models", f"a={tiny_model_dir}", "--prompts", str(prompts), "--max-new-tokens", "8",
+                        "--batch-size", "8", "--device", "cpu", "--samples", "2", "--out", str(out)]
+    run_full(args(tmp_path / "full"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", *args(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / ".killed.completions.jsonl.progress.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and json.loads(progress.read_text() or "{}").get("done", 0) >= 16:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    state = json.loads(progress.read_text())
+    assert not state["complete"] and 16 <= state["done"] < 40, state
+    killed = tmp_path / "killed.completions.jsonl"
+    print("eval (outside kill)", {"units_done": state["done"], "bytes_kept": state["bytes"],
+                                  "bytes_after_kill": killed.stat().st_size})
+    resumed = runner.invoke(app, args(tmp_path / "killed"))
+    assert resumed.exit_code == 0, resumed.output[-3000:]
+    assert killed.read_bytes() == (tmp_path / "full.completions.jsonl").read_bytes()
