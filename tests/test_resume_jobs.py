@@ -56,12 +56,17 @@ app(sys.argv[1:], prog_name="alignkit")
 """
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a job's subprocess: this source tree, and the same thread count as this
+    process, so the two processes compute the same floats."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])), **extra}
+
+
 def kill_mid_batch(args: list[str], kill_at: int) -> subprocess.CompletedProcess:
     """Run `alignkit ARGS` in a subprocess that SIGKILLs itself while writing batch `kill_at`."""
-    # Same thread count as this process, so the two processes compute the same floats.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "KILL_AT": str(kill_at), "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", KILLER, *args], env=child_env(KILL_AT=str(kill_at)),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]  # killed mid-run, not finished or failed
     return proc
 
@@ -177,9 +182,7 @@ def test_eval_killed_from_outside_at_an_unplanned_moment_resumes_to_the_uninterr
     args = lambda out: ["eval", "--models", f"a={tiny_model_dir}", "--prompts", str(prompts), "--max-new-tokens", "8",
                         "--batch-size", "8", "--device", "cpu", "--samples", "2", "--out", str(out)]
     run_full(args(tmp_path / "full"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", *args(tmp_path / "killed")], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", *args(tmp_path / "killed")], env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / ".killed.completions.jsonl.progress.json"
     deadline = time.time() + 180
