@@ -3,12 +3,16 @@ and both against the machine's limits, all measured in the same run.
 
     make bench        (or: python bench/bench_generate.py [--quick] [--threads 2] [--new-tokens 32])
 
-Sampled at temperature 1 (no top-k/top-p), a fixed number of new tokens (EOS suppressed), the
-same prompts for every path, at each batch size:
+Sampled at temperature 1 (no top-k/top-p), a fixed number of new tokens (EOS banned through each
+path's own `min_new_tokens`, no logits processor), the same prompts for every path, at each batch size:
   (a) `model.generate` on the PEFT-wrapped model (a LoRA adapter, r 8 on q/v): the path before the engine
   (b) `model.generate` on the merged weights (a plain model)
   (c) `RolloutEngine(policy).generate` (LoRA merged into its generation copy)
+  (s) with --static-loop: the peer of (c), a bare loop of forward passes over transformers' StaticCache
+      with logits_to_keep=1 and `torch.multinomial` (no hooks, no per-row seeds, no compaction)
   (d) with --continuous-batching: transformers' `generate_batch` (paged cache) on the merged weights
+  (q) with --int8: the engine on the merged weights quantized int8 weight-only by torchao (for
+      `generate`/`serve`, not for RL sampling, where the sampler must be the policy itself)
 Machine limits, measured here: memory copy GB/s -> weight-read tokens/s (batch x bandwidth / weight
 bytes, the bound while decoding is memory-bound) and matmul GFLOP/s -> compute tokens/s (GFLOP/s /
 2 x parameters); each figure is also printed as a share of min(weight-read, compute).
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per figure; the fastest is kept")
     ap.add_argument("--quick", action="store_true", help="batches 1 and 32, 16 new tokens")
     ap.add_argument("--continuous-batching", action="store_true", help="also time transformers' generate_batch")
+    ap.add_argument("--static-loop", action="store_true", help="also time a bare static-cache forward loop")
+    ap.add_argument("--int8", action="store_true", help="also time the engine on int8 weight-only weights")
     args = ap.parse_args()
     if args.quick:
         args.batches, args.new_tokens = "1,32", 16
@@ -86,10 +92,14 @@ def main() -> None:
     merged = merge_lora(attach_lora(merged, r=8, alpha=16, dropout=0.0)).eval()
     engine = RolloutEngine(policy, tok)
     n, eos = args.new_tokens, tok.eos_token_id
+    if args.int8:
+        import copy
 
-    def no_eos(input_ids, scores):
-        scores[:, eos] = float("-inf")
-        return scores
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        int8 = copy.deepcopy(merged)
+        quantize_(int8, Int8WeightOnlyConfig())
+        int8_engine = RolloutEngine(int8, tok, copy_weights=False)
 
     config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
                               top_p=1.0, eos_token_id=eos, pad_token_id=tok.pad_token_id)
@@ -97,33 +107,76 @@ def main() -> None:
     def hf(model, ids, mask):
         return lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
 
-    def eng(prompts):
+    def eng(prompts, which=engine):
         def run():
-            out = engine.generate(prompts, max_new_tokens=n, temperature=1.0, seed=0, logits_processor=no_eos)
+            out = which.generate(prompts, max_new_tokens=n, min_new_tokens=n, temperature=1.0, seed=0)
             assert all(len(t) == n for t in out.tokens)
+        return run
+
+    @torch.inference_mode()
+    def static_loop(ids, mask):
+        from transformers import StaticCache
+
+        model, P = engine.model, ids.shape[1]
+
+        def run():
+            cache = StaticCache(config=model.config, max_cache_len=P + n)
+            attn = torch.cat([mask, torch.ones(len(ids), n, dtype=mask.dtype)], dim=1)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                           past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            for step in range(n):
+                logits[:, eos] = float("-inf")
+                token = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1)
+                if step == n - 1:
+                    break
+                logits = model(input_ids=token, attention_mask=attn[:, :P + step + 1],
+                               position_ids=mask.sum(1, keepdim=True) + step, past_key_values=cache,
+                               logits_to_keep=1).logits[:, -1]
         return run
 
     def cb(prompt_ids):
         cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
                                top_p=1.0, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        return lambda: merged.generate_batch(prompt_ids, generation_config=cfg)
+        from transformers import ContinuousBatchingConfig
+
+        # Sized here: left to itself the paged cache claims a share of the free memory (10 GB and an
+        # out-of-memory kill on a 24 GB machine). One page of 256 tokens per row is enough.
+        paged = ContinuousBatchingConfig(num_blocks=len(prompt_ids) + 2, max_batch_tokens=512,
+                                         max_requests_per_batch=len(prompt_ids), use_cuda_graph=False)
+        return lambda: merged.generate_batch(prompt_ids, generation_config=cfg, continuous_batching_config=paged,
+                                             warmup=False)
 
     print(f"## Tokens/s, sampled at T=1, {n} new tokens per row (share of the limit at that batch)")
-    header = f"{'batch':>5} {'limit':>7} {'(a) peft':>16} {'(b) merged':>16} {'(c) engine':>16}"
-    print(header + (f" {'(d) gen_batch':>16}" if args.continuous_batching else "") + f" {'c/a':>6} {'c/b':>6}")
+    names = {"a": "(a) peft", "b": "(b) merged", "c": "(c) engine"}
+    if args.static_loop:
+        names["s"] = "(s) static loop"
+    if args.continuous_batching:
+        names["d"] = "(d) gen_batch"
+    if args.int8:
+        names["q"] = "(q) engine int8"
+    header = f"{'batch':>5} {'limit':>7} " + " ".join(f"{v:>16}" for v in names.values())
+    print(header + f" {'c/a':>6} {'c/b':>6}" + (f" {'c/s':>6}" if args.static_loop else ""))
     engine.generate(PROMPTS[:2], max_new_tokens=2)  # warm-up
+    if args.int8:
+        int8_engine.generate(PROMPTS[:2], max_new_tokens=2)
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
         prompt_ids = encode_prompts(tok, prompts, chat=True)
         ids, mask = left_pad(prompt_ids, tok.pad_token_id, "cpu")
         limit = min(batch * bandwidth * 1e9 / weight_bytes, gflops * 1e9 / flop_per_token)
         runs = {"a": hf(policy, ids, mask), "b": hf(merged, ids, mask), "c": eng(prompts)}
+        if args.static_loop:
+            runs["s"] = static_loop(ids, mask)
         if args.continuous_batching:
             runs["d"] = cb(prompt_ids)
+        if args.int8:
+            runs["q"] = eng(prompts, int8_engine)
         rate = {k: batch * n / best_time(fn, args.repeats) for k, fn in runs.items()}
         cells = " ".join(f"{rate[k]:8.1f} ({rate[k] / limit:4.0%})" for k in runs)
-        print(f"{batch:5d} {limit:7.0f} {cells} {rate['c'] / rate['a']:5.2f}x {rate['c'] / rate['b']:5.2f}x",
-              flush=True)
+        ratios = f" {rate['c'] / rate['a']:5.2f}x {rate['c'] / rate['b']:5.2f}x"
+        if args.static_loop:
+            ratios += f" {rate['c'] / rate['s']:5.2f}x"
+        print(f"{batch:5d} {limit:7.0f} {cells}{ratios}", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end; limits and paths were measured in this run.")
     print("targets: c/a >= 2x at batch 32 and 64; (c) at batch 1 >= 60% of its limit")
 

@@ -98,7 +98,9 @@ def tail_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: flo
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=hidden,
                 logits_to_keep=keep + 1)
-    logits = out.logits[:, :-1].float() / temperature  # (B, keep, V): position t predicts token t + 1
+    logits = out.logits[:, :-1].float()  # (B, keep, V): position t predicts token t + 1
+    if temperature != 1.0:  # at 1, no (B, keep, V) copy to make and to differentiate through
+        logits = logits / temperature
     logp = (logits.gather(2, ids[:, -keep:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(2)
     return (logp, out.hidden_states[-1][:, -keep - 1:-1]) if hidden else logp
 
