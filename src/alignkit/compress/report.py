@@ -11,7 +11,9 @@ Memory and speed come from a fresh subprocess per model that loads it and genera
 8 with a fixed thread count: its peak RSS (ru_maxrss) is what loading and running the model cost,
 with nothing left over from the other models. Memory after load is given two ways: the bytes of the
 model's parameters and buffers as they sit in memory (`weight_bytes`: int4 counts its packed bytes),
-and the growth of the process's resident set from before to after loading. Quality is measured in this process, one text at a
+and the growth of the process's resident set from before loading (the model classes, torchao and
+accelerate already imported) to after loading and one forward pass (which touches every weight, so
+memory-mapped files count too), with freed heap returned to the system first (malloc_trim). Quality is measured in this process, one text at a
 time, so padding never enters perplexity or KL.
 
 Writes report.md (a table), metrics.json and size_vs_quality.png (bytes on disk against perplexity).
@@ -51,13 +53,16 @@ args = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(args["threads"])
 from alignkit.models import load_model
-from alignkit.compress.report import current_rss, weight_bytes
+from alignkit.compress.report import settled_rss, weight_bytes
+import accelerate, torchao, transformers.models.llama.modeling_llama, alignkit.compress.quantize  # noqa
 rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-rss_before = current_rss()
+rss_before = settled_rss()
 model, tok = load_model(args["model"], device="cpu")
-tok.padding_side = "left"
-out = {"rss_after_imports": rss_imports, "load_rss_growth": current_rss() - rss_before,
+with torch.no_grad():
+    model(input_ids=torch.tensor([[tok.eos_token_id or 0]]))
+out = {"rss_after_imports": rss_imports, "load_rss_growth": settled_rss() - rss_before,
        "weight_bytes": weight_bytes(model)}
+tok.padding_side = "left"
 for batch in args["batches"]:
     enc = tok(args["prompts"][:batch], return_tensors="pt", padding=True)
     kw = dict(do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
@@ -142,8 +147,17 @@ def weight_bytes(model) -> int:
     return total
 
 
-def current_rss() -> int:
-    """This process's resident set now, in bytes (Linux)."""
+def settled_rss() -> int:
+    """This process's resident set in bytes (Linux), after garbage collection and after glibc has handed
+    freed heap back to the system, so that temporaries of loading do not count."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure includes freed heap
+        pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
