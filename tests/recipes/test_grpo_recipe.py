@@ -205,3 +205,27 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, launch_two):
     wb = load_file(two / "final" / "adapter_model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_minibatches_are_reshuffled_between_iterations_the_same_for_any_number_of_processes(tmp_path,
+                                                                                              tiny_model_dir):
+    """4 prompts x 4 completions in minibatches of 4: every iteration uses each row once; iteration 0
+    keeps the cut minibatches, later ones mix them (and differ from each other); and the rows of a
+    minibatch are the same global rows whether 1, 2 or 4 processes hold them."""
+    cfg = config(tmp_path, tiny_model_dir, "mb", rollout_batch=4, group_size=4, minibatch_size=4)
+
+    def global_minibatches(iteration, world):
+        per_rank = [[[grpo.my_rows(3, cfg, 4, rank, world)[i] for i in mb]
+                     for mb in grpo.minibatch_order(3, iteration, cfg, 4, rank, world)] for rank in range(world)]
+        return [sorted(r for rank in range(world) for r in per_rank[rank][m]) for m in range(4)]
+
+    cut = [sorted(grpo.my_rows(3, cfg, 4, 0, 1)[m * 4:m * 4 + 4]) for m in range(4)]
+    assert global_minibatches(0, 1) == cut
+    later = [global_minibatches(i, 1) for i in (1, 2)]
+    for mbs in later:
+        assert sorted(r for mb in mbs for r in mb) == list(range(16))
+        assert mbs != cut
+    assert later[0] != later[1]
+    for world in (2, 4):
+        for iteration in range(3):
+            assert global_minibatches(iteration, world) == global_minibatches(iteration, 1)

@@ -10,9 +10,9 @@ Each step, top to bottom:
   2. score them; the reference's log-probs (the adapter disabled, or a frozen copy of the model in full
      fine-tuning); group advantages (advantage: grpo, dr_grpo or rloo); groups with all-equal
      rewards carry no signal and are counted (flat_group_share);
-  3. update: num_iterations passes over the batch in minibatches of the clipped token loss, plus
-     kl_coef * k3 per token when kl_in is "loss" (kl_in "reward" subtracts the sequence KL from the
-     score instead, as RLOO and PPO do).
+  3. update: num_iterations passes over the batch in minibatches (reshuffled between passes) of the
+     clipped token loss, plus kl_coef * k3 per token when kl_in is "loss" (kl_in "reward" subtracts
+     the sequence KL from the score instead, as RLOO and PPO do).
 The old log-probs are the trainer's own (one batched forward pass), never the sampler's; their gap is
 logged as sampler_logprob_gap. Every record holds the seconds of each phase (time_*_s).
 
@@ -52,6 +52,22 @@ def my_rows(step: int, cfg: GRPOConfig, minibatch: int, rank: int, world: int) -
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)).tolist()
     share = minibatch // world
     return [order[m + rank * share + j] for m in range(0, n_rows, minibatch) for j in range(share)]
+
+
+def minibatch_order(step: int, iteration: int, cfg: GRPOConfig, minibatch: int, rank: int,
+                    world: int) -> list[list[int]]:
+    """For each minibatch of this iteration, the local indices (into this process's `my_rows`) of its
+    rows. Iteration 0 takes the minibatches as cut; each later one reshuffles them: every position
+    j of a minibatch (a column, whose rows always belong to the same process) sends its rows to the
+    minibatches in a seeded permutation of its own. Each row is used once per iteration, a minibatch
+    mixes rows of different cuts, and as the permutations depend on neither rank nor world, N
+    processes still train on the same minibatches as one."""
+    n_mb, share = cfg.rollout_batch * cfg.group_size // minibatch, minibatch // world
+    if iteration == 0 or n_mb == 1:
+        return [[m * share + j for j in range(share)] for m in range(n_mb)]
+    g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + iteration)
+    moves = [torch.randperm(n_mb, generator=g).tolist() for _ in range(minibatch)]  # one per column, global
+    return [[moves[rank * share + j][m] * share + j for j in range(share)] for m in range(n_mb)]
 
 
 def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
@@ -96,7 +112,6 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
     kl_fn = kl_k1 if cfg.kl_estimator == "k1" else kl_k3
     clip_high = cfg.clip_high or cfg.clip
-    share = minibatch // world
     log = StepLog("grpo", cfg, run_dir, start_step, total_steps, accelerator, probe, scorers, engine, policy)
 
     def save(step: int) -> None:
@@ -150,9 +165,9 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, clipped tokens, tokens, ratio
         with timer("update"):
-            for _ in range(cfg.num_iterations):
-                for start in range(0, len(rows), share):
-                    mb = slice(start, start + share)
+            for iteration in range(cfg.num_iterations):
+                for local in minibatch_order(step, iteration, cfg, minibatch, rank, world):
+                    mb = slice(0, None) if fused else torch.tensor(local, device=device)
                     resp_mask = ro.resp_mask[mb]
                     with accelerator.autocast():
                         logp = live_logp if fused else tail_logprobs(model, ro.ids[mb], ro.mask[mb], cfg.temperature,
