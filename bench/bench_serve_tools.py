@@ -3,8 +3,8 @@
     python bench/bench_serve_tools.py --repeats 3 --questions 6
 
 1. One chat request forced to a tool call (`tools` + tool_choice "required", decoded under the
-   grammar) against the same request without tools, alternating, greedy: seconds per request and per
-   completion token (the grammar's mask costs time per token; the tool listing lengthens the prompt).
+   grammar) against the same question without tools, and against the tool call's own prompt (with
+   the tool listing) without a grammar, held to the call's number of tokens; alternating, greedy.
 2. The first `--questions` held-out calculator questions (src/alignkit/data/examples/
    calculator_questions.jsonl) answered by the ReAct agent through the server's tool calling
    (OpenAIBackend, constrained) and by the local constrained path (LocalBackend, step grammar), same
@@ -30,6 +30,8 @@ from alignkit.apps.agents.react import openai_tool, run_agent
 from alignkit.apps.agents.tools import BUILTIN_TOOLS
 from alignkit.models import load_model
 from alignkit.serve.app import create_app
+from alignkit.serve.protocol import ChatRequest
+from alignkit.serve.structured import structured_plan, with_tool_prompt
 
 
 def serve(app, port: int):
@@ -55,9 +57,15 @@ def main() -> None:
     tools = [openai_tool(t) for t in BUILTIN_TOOLS.values()]
     ask = [{"role": "user", "content": "What is 12.5% of 368? Use the calculator."}]
     body = {"model": args.model, "messages": ask, "temperature": 0, "max_tokens": 64}
-    timing = {"free": [], "tool call": []}
+    # The prompt the server builds for the tool call, sent without tools and held to the call's length
+    # (ignore_eos): the same prompt and the same number of tokens, so the difference is the grammar.
+    required = {"tools": tools, "tool_choice": "required"}
+    plan = structured_plan(ChatRequest.model_validate({**body, **required}))
+    call_tokens = httpx.post(f"{url}/chat/completions", json={**body, **required}, timeout=600).json()["usage"]
+    same = {"messages": with_tool_prompt(ask, plan), "max_tokens": call_tokens["completion_tokens"], "ignore_eos": True}
+    timing = {"free": [], "free, same prompt and length": [], "tool call": []}
     for _ in range(args.repeats):
-        for kind, extra in (("free", {}), ("tool call", {"tools": tools, "tool_choice": "required"})):
+        for kind, extra in (("free", {}), ("free, same prompt and length", same), ("tool call", required)):
             t = time.perf_counter()
             r = httpx.post(f"{url}/chat/completions", json={**body, **extra}, timeout=600).json()
             seconds = time.perf_counter() - t
@@ -66,16 +74,18 @@ def main() -> None:
     for kind, runs in timing.items():
         s = statistics.median(x[0] for x in runs)
         tokens, prompt = runs[-1][1], runs[-1][2]
-        print(f"{kind:9s}: median {s:.2f} s/request over {len(runs)}, {tokens} completion tokens "
+        print(f"{kind}: median {s:.2f} s/request over {len(runs)}, {tokens} completion tokens "
               f"({s / max(tokens, 1) * 1000:.0f} ms/token incl. prefill), prompt {prompt} tokens, "
               f"finish {runs[-1][3]}, reply {json.dumps(runs[-1][4])[:160]}")
-    ratio = statistics.median(x[0] for x in timing["tool call"]) / statistics.median(x[0] for x in timing["free"])
-    print(f"tool call / free: {ratio:.2f}x seconds per request (same run)")
+    median = {kind: statistics.median(x[0] for x in runs) for kind, runs in timing.items()}
+    print(f"tool call / free: {median['tool call'] / median['free']:.2f}x; tool call / free with the same prompt "
+          f"and length: {median['tool call'] / median['free, same prompt and length']:.2f}x seconds per request "
+          "(same run)")
 
     rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()][:args.questions]
     local = LocalBackend.from_loaded(model, tok, args.model)
     backends = {"served tool calling": OpenAIBackend(url, args.model, timeout=600), "local grammar": local}
-    for label, backend in backends.items():
+    for label, backend in backends.items() if rows else ():
         right = format_errors = calls = via_tool_calls = 0
         started = time.perf_counter()
         for row in rows:
