@@ -30,6 +30,9 @@ def serve(
 
     Concurrent requests are batched onto the model; streaming uses server-sent events. Any OpenAI
     client works, and so does `alignkit pal/agent run --base-url http://HOST:PORT/v1 --model NAME`.
+    Structured output: `response_format` (json_object, json_schema) and `tools` with `tool_choice`
+    are decoded under a grammar, so a finished reply parses and validates; calls come back as
+    `message.tool_calls`.
 
     Example: alignkit serve --model runs/ppo1/final --port 8000
     Then:    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json'
