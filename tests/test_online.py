@@ -32,6 +32,32 @@ def test_tail_logprobs_equal_a_full_forward(tiny):
             torch.testing.assert_close(got[b], want[-keep:], atol=1e-5, rtol=1e-5)
 
 
+def test_tail_logprobs_drop_shared_padding_columns(tiny):
+    """A minibatch of the two shorter rows of a left-padded batch, still carrying the longest row's
+    padding, runs the model on the minibatch's own width and gives the log-probs (at temperature 1)
+    and hidden states of those rows padded alone."""
+    model, _ = tiny
+    rows = [[5, 6, 7, 8, 9, 10, 11, 12], [10, 11, 12], [13, 14, 15, 16]]
+    ids, mask = left_pad(rows, 0, "cpu")
+    alone_ids, alone_mask = left_pad(rows[1:], 0, "cpu")
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        with torch.no_grad():
+            got, hid = tail_logprobs(model, ids[1:], mask[1:], 1.0, 2, hidden=True)
+    finally:
+        hook.remove()
+    assert widths == [4]  # the 8-column batch cut to the minibatch's longest row
+    with torch.no_grad():
+        want, want_hid = tail_logprobs(model, alone_ids, alone_mask, 1.0, 2, hidden=True)
+        full = torch.log_softmax(model(input_ids=torch.tensor([rows[2]])).logits[0].float(), dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(hid, want_hid, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], full[-3:-1].gather(1, torch.tensor([15, 16])[:, None]).squeeze(1),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_sampler_gap_by_hand():
     """Row 0 sampled 2 tokens (log-p -1.0, -2.0), the trainer says (-1.5, -2.0): |diff| 0.5 and 0; row 1
     sampled 1 token (-0.25 vs -0.5): 0.25. Sum 0.75 over 3 tokens; responses sit at the right end."""

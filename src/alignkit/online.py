@@ -94,7 +94,11 @@ def tail_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: flo
     the last layer's hidden states at the positions that predict them, (B, keep, H).
 
     The LM head and the softmax run on those positions only (logits_to_keep): the prompt's logits
-    would be thrown away, and at a 49k vocabulary they dominate the memory."""
+    would be thrown away, and at a 49k vocabulary they dominate the memory. Columns of left padding
+    shared by every row (a minibatch of shorter rows cut from a longer batch) are dropped first."""
+    width = max(int(mask.sum(dim=1).max()), keep + 1)
+    if width < ids.shape[1]:
+        ids, mask = ids[:, -width:], mask[:, -width:]
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=hidden,
                 logits_to_keep=keep + 1)
