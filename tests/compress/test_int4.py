@@ -106,3 +106,22 @@ def test_int4_load_errors(tiny, tmp_path):
                out / "int4_packed.pt")
     with pytest.raises(ModelLoadError, match="written by an older alignkit"):
         load_quantized(out)
+
+
+def test_asymmetric_int4_rows_by_hand():
+    """Group [-0.75, 3.0, 1.1, 0, ...]: range 3.75 over 15 steps, scale 0.25 (exact in bf16); zero
+    round(0.75 / 0.25) = 3; q = round(w / 0.25) + 3 = [0, 15, round(4.4) + 3 = 7, 3]; shifted by -8 for
+    the kernel: [-8, 7, -1, -5] with zero -5; dequantized (q - zero) * 0.25 = [-0.75, 3.0, 1.0, 0].
+    A scale rounded to bf16 first: 1.0 / 15 = 0.0666.. becomes 0.06689453125. An all-zero row stays zero."""
+    from alignkit.compress.quantize import quantize_rtn
+
+    w = torch.zeros(32, 32)
+    w[0, :3] = torch.tensor([-0.75, 3.0, 1.1])
+    w[2, 0] = 1.0
+    q, scale, zero = quantize_rtn(w, 4, 32, symmetric=False, scale_dtype=torch.bfloat16)
+    assert q[0, :4].tolist() == [0, 15, 7, 3] and scale[0, 0].item() == 0.25 and zero[0, 0].item() == 3
+    assert scale[2, 0].item() == 0.06689453125
+    layer = Int4Linear(q - 8, scale, zero - 8, 32)
+    assert layer.int4_values()[0, :4].tolist() == [-8, 7, -1, -5]
+    assert layer.dequantize()[0, :4].tolist() == [-0.75, 3.0, 1.0, 0.0] and layer.dequantize()[1].abs().sum() == 0
+    assert torch.equal(Int4Linear.from_disk_entry(layer.disk_entry()).dequantize(), layer.dequantize())

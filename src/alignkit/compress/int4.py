@@ -188,18 +188,3 @@ def check_layout(layer: Int4Linear, q: torch.Tensor) -> None:
     if not torch.equal(layer.int4_values(rows), q[rows].to(torch.int8)):
         raise Int4Error("torch's int4 CPU kernel packs weights in a layout this version of alignkit does not "
                         f"know (torch {torch.__version__}); int4 models cannot be loaded with it")
-
-
-def quantize_rows_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest int4 of a (rows, cols) float matrix with bf16 scales: (q, scale).
-
-    scale = max|w| / 7 per group of `group_size` columns, rounded to bf16 first so that q is chosen
-    on the grid that will run; q = round(w / scale) in [-8, 7].
-    """
-    rows, cols = w.shape
-    if cols % group_size:
-        raise Int4Error(f"group size {group_size} does not divide the embedding width {cols}")
-    g = w.detach().float().reshape(rows, cols // group_size, group_size)
-    scale = (g.abs().amax(-1) / 7).to(KERNEL_DTYPE).float().clamp(min=torch.finfo(KERNEL_DTYPE).tiny)
-    q = torch.round(g / scale[..., None]).clamp(-8, 7).to(torch.int8).reshape(rows, cols)
-    return q, scale

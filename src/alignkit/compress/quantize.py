@@ -20,7 +20,8 @@ The output embedding (lm_head) is not quantized with torchao: in tied models it 
 embedding too, and it is the layer whose error reaches the logits undamped. With `embedding="int8"`
 the (tied) embedding is rounded to int8 with one scale per row (our RTN) and stored that way on
 disk; it is dequantized to float when loaded, so it saves bytes on disk but not memory. With
-`embedding="int4"` it becomes int4 in groups (bf16 scales) and stays packed in memory: the LM head
+`embedding="int4"` it becomes asymmetric int4 in groups (bf16 scales, int8 zero points on disk)
+and stays packed in memory: the LM head
 runs on the int4 kernel and the input embedding looks its rows up in the same packed matrix. In
 SmolLM2-135M the embedding is 28.3M of 134.5M parameters, so this decides whether an int8 file is
 about 40% or 25% of the float32 one, and whether an int4 file is about half of int8's.
@@ -50,8 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignkit.compress.int4 import (KERNEL_GROUP_SIZES, Int4Embedding, Int4Error, Int4Linear, pack_int4,
-                                    quantize_rows_int4, unpack_int4)
+from alignkit.compress.int4 import KERNEL_GROUP_SIZES, Int4Embedding, Int4Error, Int4Linear, pack_int4, unpack_int4
 from alignkit.errors import AlignkitError, DataError, ModelLoadError
 from alignkit.io import atomic_dir, read_jsonl
 
@@ -76,7 +76,8 @@ class QuantizeError(AlignkitError):
 # Round-to-nearest reference
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True):
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                 scale_dtype: torch.dtype | None = None):
     """Round-to-nearest quantization of a (out, in) weight: returns (q, scale, zero).
 
     Groups are `group_size` consecutive input columns of one output row; None means the whole row
@@ -84,6 +85,8 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, symm
     Symmetric: scale = max|w| / (2^(bits-1) - 1), zero = 0, q in [-(2^(bits-1) - 1), 2^(bits-1) - 1].
     Asymmetric: scale = (max - min) / (2^bits - 1), zero = round(-min / scale), q in [0, 2^bits - 1].
     In both, w ~= (q - zero) * scale. q and zero are int8 (int4 values sit unpacked in int8).
+    scale_dtype: round the scales to it (bf16 for the int4 kernel) before q is chosen, so that q is
+    nearest on the grid that will run.
     """
     if w.dim() != 2:
         raise QuantizeError(f"quantize_rtn expects a 2-D weight, got shape {tuple(w.shape)}")
@@ -96,15 +99,16 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int | None = None, symm
     g = w.detach().float().reshape(out_features, in_features // group, group)  # (out, groups, group)
     # An all-zero group would give scale 0 and 0/0; any positive scale represents it exactly.
     tiny = torch.finfo(torch.float32).tiny
+    rounded = (lambda x: x.to(scale_dtype).float().clamp(min=tiny)) if scale_dtype else (lambda x: x)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = (g.abs().amax(dim=-1) / qmax).clamp(min=tiny)
+        scale = rounded((g.abs().amax(dim=-1) / qmax).clamp(min=tiny))
         zero = torch.zeros_like(scale)
         q = torch.round(g / scale[..., None]).clamp(-qmax, qmax)
     else:
         qmax = 2 ** bits - 1
         lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)  # keep 0 representable
-        scale = ((hi - lo) / qmax).clamp(min=tiny)
+        scale = rounded(((hi - lo) / qmax).clamp(min=tiny))
         zero = torch.round(-lo / scale).clamp(0, qmax)
         q = (torch.round(g / scale[..., None]) + zero[..., None]).clamp(0, qmax)
         # uint4 fits int8; uint8 does not, so 8-bit asymmetric values are stored shifted by 128.
@@ -198,8 +202,11 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, embeddin
     if embedding == "int4":
         emb, head = quantized.get_input_embeddings(), quantized.get_output_embeddings()
         try:
-            table = Int4Linear(*quantize_rows_int4(emb.weight, group_size), None, group_size)
-        except Int4Error as e:
+            # Asymmetric: all 16 levels, where the symmetric grid uses 15 around 0. On the embedded
+            # model's tied embedding this took perplexity from 98.9 to 89.8 (int4 layers, group 32).
+            q, scale, zero = quantize_rtn(emb.weight, 4, group_size, symmetric=False, scale_dtype=torch.bfloat16)
+            table = Int4Linear(q - 8, scale, zero - 8, group_size)  # values 0..15 -> the kernel's -8..7
+        except (Int4Error, QuantizeError) as e:
             raise QuantizeError(f"--embedding int4: {e}") from None
         tied = head is not None and head.weight is emb.weight
         install_int4_embedding(quantized, table, emb.padding_idx, emb.weight.dtype, tied)
