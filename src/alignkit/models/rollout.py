@@ -269,7 +269,8 @@ class RolloutEngine:
             tok = sample(scores, uniforms(seeds[rows.cpu()], step).to(device), temperature, top_k, top_p)
             tok = torch.where(done[rows], self.pad_id, tok)
             if return_logprobs:
-                lp[rows.cpu(), step] = torch.log_softmax(raw / scale, dim=-1).gather(1, tok[:, None]).squeeze(1).cpu()
+                scaled = raw / scale if scale != 1.0 else raw  # no (B, V) log-softmax written out, only its row
+                lp[rows.cpu(), step] = (scaled.gather(1, tok[:, None]).squeeze(1) - scaled.logsumexp(dim=-1)).cpu()
             seq[rows, P + step] = tok
             lengths[rows] += (~done[rows]).long()
             hit_eos = torch.zeros_like(done)
