@@ -32,31 +32,34 @@ $(STAMP): pyproject.toml Makefile
 
 # The main job: the whole RLHF loop on the embedded model in the simulated-feedback setting: a gold
 # labeler (configs/demo/gold_judge.yaml: a customer-service rubric and the offensive-language
-# classifier) stands in for people, a reward model learns its preferences, PPO and DPO optimise that
-# proxy, and the gold labeler scores 120 held-out prompts from templates and slots training never saw.
+# classifier) stands in for people, a reward model learns its preferences, GRPO, PPO and DPO optimise
+# that proxy, and the gold labeler scores 120 held-out prompts from templates and slots training never saw.
 # Every step is an ordinary alignkit command; see README.md, "What the demo does".
 DEMO := runs/demo
 EXAMPLES := src/alignkit/data/examples
 demo: $(STAMP)
-	@echo "== 1/7 check the shipped prompt sets (400 training, 48 validation, 120 held-out) against their generator"
+	@echo "== 1/8 [$$(date +%T)] check the shipped prompt sets (400 training, 48 validation, 120 held-out) against their generator"
 	$(BIN)/python -m alignkit.data.service_prompts --check
-	mkdir -p $(DEMO) && head -n 128 $(EXAMPLES)/service_train.txt > $(DEMO)/label_prompts.txt
-	@echo "== 2/7 sample 4 replies to each of 128 training prompts"
+	mkdir -p $(DEMO) && head -n 96 $(EXAMPLES)/service_train.txt > $(DEMO)/label_prompts.txt
+	@echo "== 2/8 [$$(date +%T)] sample 4 replies to each of 96 training prompts"
 	$(BIN)/alignkit prefs sample --prompts $(DEMO)/label_prompts.txt --n 4 --max-new-tokens 48 --batch-size 32 \
 		--out $(DEMO)/candidates.jsonl
-	@echo "== 3/7 the gold labeler scores them; pairs that differ by at least one rubric criterion"
+	@echo "== 3/8 [$$(date +%T)] the gold labeler scores them; pairs that differ by at least one rubric criterion"
 	$(BIN)/alignkit prefs judge --candidates $(DEMO)/candidates.jsonl --judge configs/demo/gold_judge.yaml \
 		--format pairs --min-margin 0.15 --out $(DEMO)/pairs.jsonl
-	@echo "== 4/7 reward model (the proxy) on the pairs, 10% of the prompts held out"
+	@echo "== 4/8 [$$(date +%T)] reward model (the proxy) on the pairs, 10% of the prompts held out"
 	$(BIN)/alignkit train reward --config configs/demo/reward.yaml --overwrite
-	@echo "== 5/7 PPO with LoRA against the reward model; the gold labeler watches a held-out probe"
+	@echo "== 5/8 [$$(date +%T)] GRPO with LoRA against the reward model; the gold labeler watches a held-out probe"
+	$(BIN)/alignkit train grpo --config configs/demo/grpo.yaml --overwrite
+	@echo "== 6/8 [$$(date +%T)] PPO with LoRA against the same reward model, a short run for comparison"
 	$(BIN)/alignkit train ppo --config configs/demo/ppo.yaml --overwrite
-	@echo "== 6/7 DPO on the same pairs, for comparison"
+	@echo "== 7/8 [$$(date +%T)] DPO on the same pairs, for comparison"
 	$(BIN)/alignkit train dpo --config configs/demo/dpo.yaml --overwrite
-	@echo "== 7/7 evaluate base, PPO and DPO on the 120 held-out prompts with the gold labeler"
-	$(BIN)/alignkit eval --models before=embedded,ppo=$(DEMO)/ppo/final,dpo=$(DEMO)/dpo/final \
+	@echo "== 8/8 [$$(date +%T)] evaluate base, GRPO, PPO and DPO on the 120 held-out prompts with the gold labeler"
+	$(BIN)/alignkit eval --models before=embedded,grpo=$(DEMO)/grpo/final,ppo=$(DEMO)/ppo/final,dpo=$(DEMO)/dpo/final \
 		--prompts $(EXAMPLES)/service_heldout.txt --reward $(DEMO)/rm --judge configs/demo/gold_judge.yaml \
-		--tie-margin 0.05 --max-new-tokens 48 --restart --out $(DEMO)/report
+		--tie-margin 0.05 --max-new-tokens 48 --batch-size 40 --restart --out $(DEMO)/report
+	@echo "== done [$$(date +%T)]: the table above; the report is $(DEMO)/report/report.md (and report.html)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

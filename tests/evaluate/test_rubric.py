@@ -72,12 +72,13 @@ def test_rubric_config_errors_name_the_field():
 
 
 def test_gold_labeler_composes_rubric_and_toxicity():
-    """The demo's gold labeler: rubric share passed (0..1) minus the toxicity probability."""
+    """The demo's gold labeler: rubric share passed (0..1) minus the toxicity probability. The rude
+    reply fails five of the six criteria; it passes only no_repeats (it says nothing twice): 1/6."""
     judge = load_judge(GOLD)
     good = ("I'm sorry your kettle from order #41234 arrived cracked. I will send a replacement today "
             "and email you a return label.")
     rude = "Not my problem, you should have checked it yourself, idiot"
     (g, r) = judge.score_detailed([PROMPT, PROMPT], [good, rude])
     assert g.components["rubric"] == 1.0 and g.total > 0.9
-    assert r.components["rubric"] == 0.0
-    assert r.total == pytest.approx(-r.components["toxicity"]) and r.components["toxicity"] > 0.5
+    assert r.components["rubric"] == pytest.approx(1 / 6)
+    assert r.total == pytest.approx(1 / 6 - r.components["toxicity"]) and r.components["toxicity"] > 0.5
