@@ -128,6 +128,7 @@ def test_report_shows_the_reward_models_held_out_accuracy(tmp_path, tiny_model_d
                                       "--reward", str(rm_dir), "--max-new-tokens", "4", "--out", str(out),
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "The reward model's held-out pair accuracy: 0.812" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "The reward model's held-out pair accuracy: 0.812" in report and "weak proxy" not in report  # >= 0.8
     runs = json.loads((out / "metrics.json").read_text())["training_runs"]
     assert runs["reward model"]["eval_accuracy_first"] == 0.5 and runs["reward model"]["eval_accuracy_last"] == 0.8125

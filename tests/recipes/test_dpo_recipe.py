@@ -67,3 +67,28 @@ def test_two_processes_equal_one_with_same_global_batch(tmp_path, tiny_model_dir
     b = load_file(tmp_path / "runs" / "two" / "final" / "adapter_model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_reference_pass_covers_only_the_pairs_the_steps_draw(tmp_path, tiny_model_dir, pair_files, monkeypatch):
+    """A 2-step run with global batch 4 draws 8 pairs: the reference log-probs are computed for
+    those 8 (plus the eval pairs), not for the whole file, and every drawn pair has them."""
+    from alignkit.data.batching import global_batch
+
+    train, held = pair_files
+    n_train = len(train.read_text().splitlines())
+    assert n_train > 8
+    seen = []
+    real = dpo.reference_logprobs
+
+    def spy(model, data, *args):  # the real computation, recording which examples it covered
+        seen.append(len(data))
+        real(model, data, *args)
+
+    monkeypatch.setattr(dpo, "reference_logprobs", spy)
+    cfg = {"model": str(tiny_model_dir), "data": {"train": str(train), "eval": str(held), "max_length": 64},
+           "output_dir": str(tmp_path / "runs"), "run_name": "short", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+           "learning_rate": 1e-3, "micro_batch_size": 4, "max_steps": 2, "device": "cpu", "seed": 0}
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump(cfg))
+    dpo.main(load_config(DPOConfig, tmp_path / "short.yaml"))
+    drawn = {i for step in range(2) for i in global_batch(step, n_train, 4, n_train // 4, 0)}
+    assert seen == [len(drawn) + len(held.read_text().splitlines())] and len(drawn) == 8

@@ -215,7 +215,9 @@ def build(reports, prompts: list[str], runs: list[TrainingRun], plots: list[tupl
     warnings = [(run.name, step, w) for run in runs for step, w in run.warnings]
     rm = next((run for run in runs if run.recipe == "reward"), None)
     rm_line = ("The reward model's held-out pair accuracy: "
-               + (f"{summaries[rm.name]['eval_accuracy_last']:.3f} (pairs on prompts it never trained on)."
+               + (f"{summaries[rm.name]['eval_accuracy_last']:.3f} (pairs on prompts it never trained on)"
+                  + ("; below 0.8, a weak proxy: RL against it gains only as far as it agrees with the labeler."
+                     if summaries[rm.name]['eval_accuracy_last'] < 0.8 else ".")
                   if rm is not None and "eval_accuracy_last" in summaries[rm.name]
                   else "not measured (train it with data.eval or data.eval_fraction).")
                if rm is not None else "")

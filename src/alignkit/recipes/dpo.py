@@ -5,7 +5,8 @@
 Setup -> reference log-probs -> train -> evaluate -> save. The reference is the policy as loaded,
 before any update: with fresh LoRA adapters that is exactly the base model (B starts at zero, the
 "LoRA-disabled base"), and when training continues an SFT adapter it is that SFT model, as DPO
-intends. Its log-probs are computed once, up front, so no second model sits in memory.
+intends. Its log-probs are computed once, up front, for the pairs the run's steps will draw, so no
+second model sits in memory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.config import DPOConfig
+from alignkit.data.batching import global_batch
 from alignkit.data.prefs import encode_split, load_pairs
 from alignkit.errors import AlignkitError
 from alignkit.losses.dpo import dpo_loss
@@ -86,7 +88,10 @@ def main(cfg: DPOConfig, *, resume: Path | None = None, overwrite: bool = False)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
     # ---- reference log-probs, from the policy before any update ---------------------------------
-    reference_logprobs(model, train + evals, pad_id, cfg.micro_batch_size, accelerator.device)
+    # Only for the pairs the run's steps will draw (a short run on a large file reads a fraction).
+    used = sorted({i for step in range(total_steps)
+                   for i in global_batch(step, len(train), global_size, steps_per_epoch, cfg.seed)})
+    reference_logprobs(model, [train[i] for i in used] + evals, pad_id, cfg.micro_batch_size, accelerator.device)
 
     run_dir = open_run_dir(cfg, "dpo", resume, overwrite, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
