@@ -40,9 +40,9 @@ EXAMPLES := src/alignkit/data/examples
 demo: $(STAMP)
 	@echo "== 1/8 [$$(date +%T)] check the shipped prompt sets (400 training, 48 validation, 120 held-out) against their generator"
 	$(BIN)/python -m alignkit.data.service_prompts --check
-	mkdir -p $(DEMO) && head -n 88 $(EXAMPLES)/service_train.txt > $(DEMO)/label_prompts.txt
-	@echo "== 2/8 [$$(date +%T)] sample 4 replies to each of 88 training prompts"
-	$(BIN)/alignkit prefs sample --prompts $(DEMO)/label_prompts.txt --n 4 --max-new-tokens 48 --batch-size 64 \
+	mkdir -p $(DEMO) && head -n 96 $(EXAMPLES)/service_train.txt > $(DEMO)/label_prompts.txt
+	@echo "== 2/8 [$$(date +%T)] sample 4 replies to each of 96 training prompts"
+	$(BIN)/alignkit prefs sample --prompts $(DEMO)/label_prompts.txt --n 4 --max-new-tokens 48 --batch-size 32 \
 		--out $(DEMO)/candidates.jsonl
 	@echo "== 3/8 [$$(date +%T)] the gold labeler scores them; pairs that differ by at least one rubric criterion"
 	$(BIN)/alignkit prefs judge --candidates $(DEMO)/candidates.jsonl --judge configs/demo/gold_judge.yaml \
@@ -58,7 +58,7 @@ demo: $(STAMP)
 	@echo "== 8/8 [$$(date +%T)] evaluate base, GRPO, PPO and DPO on the 120 held-out prompts with the gold labeler"
 	$(BIN)/alignkit eval --models before=embedded,grpo=$(DEMO)/grpo/final,ppo=$(DEMO)/ppo/final,dpo=$(DEMO)/dpo/final \
 		--prompts $(EXAMPLES)/service_heldout.txt --reward $(DEMO)/rm --judge configs/demo/gold_judge.yaml \
-		--tie-margin 0.05 --max-new-tokens 48 --batch-size 60 --restart --out $(DEMO)/report
+		--tie-margin 0.05 --max-new-tokens 48 --batch-size 40 --restart --out $(DEMO)/report
 	@echo "== done [$$(date +%T)]: the table above; the report is $(DEMO)/report/report.md (and report.html)"
 
 test: $(STAMP)
