@@ -222,6 +222,7 @@ def test_render_trace_shows_steps_actions_observations_and_marks_errors(tmp_path
     assert "question: What is 17 * 23 + 4?" in text
     for header in ("--- step 1", "--- step 2", "--- step 3", "--- step 4"):
         assert header in text
+    assert text.count("; via text") == 4  # the scripted backend speaks the text protocol
     assert "thought:\n    Look it up." in text
     assert "!! error (unknown_tool): unknown tool 'search_web'" in text
     assert "!! error (format):" in text and "model output:\n    gibberish" in text

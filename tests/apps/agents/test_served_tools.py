@@ -101,3 +101,7 @@ def test_agent_falls_back_to_text_when_the_server_refuses_tools(served_tiny, tmp
     assert [s["protocol"] for s in steps] == ["text", "text"]
     assert "refused tool calling" in steps[0]["protocol_note"] and "HTTP 400" in steps[0]["protocol_note"]
     assert steps[1]["protocol_note"] is None
+    from alignkit.apps.agents.trace import read_trace, render_trace
+
+    text = render_trace(read_trace(tmp_path / "run.jsonl"))  # `agent trace` shows why the protocol changed
+    assert "; via text" in text and text.count("note: the server refused tool calling") == 1

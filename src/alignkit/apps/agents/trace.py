@@ -6,7 +6,8 @@ of its run. The records:
 * `{"event": "start", "run", "question", "tools": [names], "max_steps", "time"}`
 * `{"event": "step", "run", "step", "prompt_chars", "prompt_tokens" (null when the backend cannot
   count them), "latency_s" (model call), "output" (the model's reply), "plan", "thought", "tool",
-  "arguments", "observation", "tool_latency_s", "final_answer", "error_kind", "error"}`
+  "arguments", "observation", "tool_latency_s", "final_answer", "error_kind", "error", "protocol"
+  (how the reply was obtained: grammar, tool_calls, tools_text or text), "protocol_note"}`
 * `{"event": "end", "run", "status", "answer", "message", "steps"}`
 
 `error_kind` is null for a good step, else "format" (unparseable reply), "unknown_tool",
@@ -67,7 +68,10 @@ def render_trace(records: list[dict]) -> str:
             size = f"{r.get('prompt_chars')} chars"
             if r.get("prompt_tokens") is not None:
                 size += f", {r['prompt_tokens']} tokens"
-            lines.append(f"\n--- step {r.get('step')}   prompt {size}; model {r.get('latency_s', 0):.2f} s")
+            via = f"; via {r['protocol']}" if r.get("protocol") else ""
+            lines.append(f"\n--- step {r.get('step')}   prompt {size}; model {r.get('latency_s', 0):.2f} s{via}")
+            if r.get("protocol_note"):
+                lines.append(f"note: {r['protocol_note']}")
             if r.get("plan"):
                 lines.append(f"plan:\n{_indent(r['plan'])}")
             if r.get("thought"):
