@@ -1,5 +1,6 @@
 """LoRA merge parity (W + (alpha/r) B A), adapter save/load, and the scalar head."""
 
+import pytest
 import torch
 
 from alignkit.models import ScalarHeadModel, attach_lora, load_model, merge_lora, save_model
@@ -61,6 +62,19 @@ def test_scalar_head_scores_last_real_token_with_any_padding(tiny):
         left_mask = torch.tensor([[1] * len(a), [0] * (width - len(b)) + [1] * len(b)])
         for ids, mask in ((right, right_mask), (left, left_mask)):
             torch.testing.assert_close(head_model.score(ids, mask), torch.stack(alone), atol=1e-5, rtol=1e-4)
+
+
+def test_score_texts_keeps_the_callers_order_when_it_batches_by_length(tiny):
+    """score_texts batches rows of similar length together; each score still lands on its own row:
+    equal to scoring that (prompt, completion) alone."""
+    model, tok = tiny
+    head_model = ScalarHeadModel(model)
+    prompts = ["Where is my order?", "Hi", "My kettle arrived cracked, what now?", "Refund please"]
+    replies = ["It ships tomorrow, I will send the tracking number.", "Hello.", "Sorry!", "I can help with that."]
+    batched = head_model.score_texts(tok, prompts, replies, batch_size=2)
+    alone = [head_model.score_texts(tok, [p], [r])[0] for p, r in zip(prompts, replies)]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    assert len(set(round(x, 4) for x in alone)) == 4  # distinct scores, so a mix-up would show
 
 
 def test_scalar_head_save_load_round_trip(tiny_model_dir, tmp_path):

@@ -32,14 +32,17 @@ def kl_to_base(model, prompt_ids: list[list[int]], tokens: list[list[int]], pad_
     """Mean over responses of sum_t KL(pi(.|y_<t) || ref(.|y_<t)), the exact per-token KL over the
     whole vocabulary at each response position (so it is >= 0 even on greedy completions, where a
     sampled-token estimate would be biased); ref = the same model with its adapter disabled.
-    None for a model without an adapter. Batched, since each position holds two vocabulary-wide
-    distributions."""
+    None for a model without an adapter. Batched (rows sorted by length), since each position holds
+    two vocabulary-wide distributions."""
     if not hasattr(model, "disable_adapter"):
         return None
     per_response = []
-    for i in range(0, len(tokens), batch_size):
-        toks = [t or [pad_id] for t in tokens[i:i + batch_size]]
-        seqs = [p + t for p, t in zip(prompt_ids[i:i + batch_size], toks)]
+    # Rows of similar length share a batch, so little of each forward pass is padding.
+    order = sorted(range(len(tokens)), key=lambda j: (len(prompt_ids[j]) + len(tokens[j]), len(tokens[j])))
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        toks = [tokens[j] or [pad_id] for j in rows]
+        seqs = [prompt_ids[j] + t for j, t in zip(rows, toks)]
         ids, mask = left_pad(seqs, pad_id, next(model.parameters()).device)
         keep = max(map(len, toks))  # left padding: every response ends in the last column
         resp = tail_mask(torch.tensor([len(t) for t in toks], device=ids.device), keep)

@@ -66,10 +66,13 @@ class ScalarHeadModel(nn.Module):
 
         device = next(self.parameters()).device
         seqs = [encode_response(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
-        scores: list[float] = []
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths batch together
+        scores = [0.0] * len(seqs)
         for start in tqdm(range(0, len(seqs), batch_size), desc="scoring", disable=not progress, unit="batch"):
-            ids, mask = left_pad(seqs[start:start + batch_size], tokenizer.pad_token_id, device)
-            scores.extend(self.score(ids, mask).float().cpu().tolist())
+            rows = order[start:start + batch_size]
+            ids, mask = left_pad([seqs[i] for i in rows], tokenizer.pad_token_id, device)
+            for i, value in zip(rows, self.score(ids, mask).float().cpu().tolist()):
+                scores[i] = value
         return scores
 
     def save_pretrained(self, out_dir: Path, tokenizer) -> Path:
