@@ -14,13 +14,16 @@ customer who could not be found.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+import alignkit
 from alignkit.apps.agents.cot import load_prompt_file
 from alignkit.apps.agents.react import PROMPT_KEYS, AgentResult, run_agent
+from alignkit.errors import AlignkitError
 
 from .db import ReadOnlyDatabase, create_database, load_seed
 from .label_service import BackgroundServer, create_app
@@ -28,12 +31,38 @@ from .mail import MailServer
 from .tools import Shop, make_tools
 
 PROMPT_FILE = Path(__file__).with_name("prompt.yaml")
+TRAINED_ADAPTER = Path("runs/shopbot/final")
+"""Where `make shopbot-train` (configs/shopbot_sft.yaml) puts a freshly trained adapter."""
+SHIPPED_ADAPTER = Path(alignkit.__file__).parent / "data" / "adapters" / "shopbot"
+"""The adapter that installs with the package: one `make shopbot-train`, copied by ship_adapter.py."""
 MAX_STEPS = 6
 MAX_TOKENS = 96  # the longest reply, a SELECT with two joins, is about 70 tokens
 
 
 def load_prompt() -> dict:
     return load_prompt_file(PROMPT_FILE, PROMPT_KEYS)
+
+
+def run_script(main) -> None:
+    """Run a script's `main()` as the alignkit CLI runs a command: an AlignkitError is "error: ...", exit 2."""
+    try:
+        main()
+    except AlignkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def choose_model(requested: str | None = None) -> tuple[str, str]:
+    """(model spec, why it was chosen): the one asked for; else a freshly trained adapter in
+    runs/shopbot/final; else the adapter shipped with the package; else the base model."""
+    if requested:
+        return requested, "given with --model"
+    if (TRAINED_ADAPTER / "adapter_config.json").is_file():
+        return str(TRAINED_ADAPTER), "the adapter trained by `make shopbot-train` (it comes before the shipped one)"
+    if (SHIPPED_ADAPTER / "adapter_config.json").is_file():
+        return str(SHIPPED_ADAPTER), "the adapter shipped with alignkit (retrain with `make shopbot-train`)"
+    return "embedded", ("no ShopBot adapter found, so the base model, which does not follow the ReAct format: "
+                        "expect failed runs; train the adapter with `make shopbot-train` (about half an hour)")
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,20 @@ from dataclasses import dataclass, field
 import httpx
 
 from alignkit.apps.agents.tools import Tool, ToolError
+from alignkit.errors import AlignkitError
 
-from .db import ReadOnlyDatabase
-from .mail import send_mail
+if not __package__:  # loaded as a lone file, as `alignkit agent run --tools examples/shopbot/tools.py` does
+    raise AlignkitError(
+        "examples/shopbot/tools.py: the ShopBot's tools cannot run under `alignkit agent run`. They are "
+        "built per conversation by make_tools(shop), bound to an orders database, a shipping-label service "
+        "and an SMTP server that must be running, and to the signed-in customer's id, which the session "
+        "gives (never the model) and `agent run` has no way to give; the ShopBot also needs its own prompt "
+        "and its fine-tuned adapter. Run the ShopBot itself, which starts the services, answers and stops "
+        "them: from the repository root, python -m examples.shopbot.run_demo --customer 33 "
+        "\"Can I return the umbrella?\" (your own request) or make shopbot-demo (four requests).")
+
+from .db import ReadOnlyDatabase  # noqa: E402 (after the check above, which gives the reason they would fail)
+from .mail import send_mail  # noqa: E402
 
 SENDER = "returns@shop.example"
 NOT_SIGNED_IN = "no customer is signed in, so the customer was not found"

@@ -1,7 +1,7 @@
 """ShopBot on real services: a SQLite file, the label service on uvicorn, an aiosmtpd server.
 
-The model is a scripted test double (`ScriptedModel`) except in the smoke test, which runs the
-embedded model fine-tuned on ShopBot traces (briefly, when runs/shopbot/final has not been trained).
+The model is a scripted test double (`ScriptedModel`); test_shopbot_shipped.py runs the embedded model
+with the adapter shipped in the package.
 """
 
 from __future__ import annotations
@@ -468,39 +468,3 @@ def test_demonstrations_of_unknown_and_missing_customers_say_not_found(services)
         assert "was not found" in messages[-1]["content"]
         observations = [m["content"] for m in messages if m["content"].startswith("Observation:")]
         assert observations == ([] if request.customer_id is None else ["Observation: []"])
-
-
-# --- the embedded model, for real ------------------------------------------------------------------
-
-def test_smoke_run_with_the_embedded_model_ends_cleanly(services, tmp_path):
-    """One request with a fine-tuned embedded model: the adapter of configs/shopbot_sft.yaml when it
-    has been trained, else a short LoRA run (4 steps) on 8 demonstrator traces made here on the real
-    services. The trace is well formed and the run ends with a final answer or a plain stop message,
-    whatever the model writes."""
-    from alignkit.apps.agents.backends import LocalBackend
-    from alignkit.config import SFTConfig, load_config
-    from alignkit.io import write_jsonl
-    from alignkit.recipes import sft
-
-    adapter = ROOT / "runs" / "shopbot" / "final"
-    if not adapter.is_dir():
-        train, _ = split_requests(SEED)
-        prompt = load_prompt()
-        write_jsonl(tmp_path / "traces.jsonl", [demonstrate(services, r, prompt, SEED) for r in train[:8]])
-        cfg = tmp_path / "sft.yaml"
-        cfg.write_text(f"model: embedded\noutput_dir: {tmp_path}\nrun_name: shopbot\n"
-                       f"data: {{train: {tmp_path / 'traces.jsonl'}, max_length: 576}}\n"
-                       "lora: {r: 8, alpha: 16, dropout: 0.0}\nlearning_rate: 0.0015\nmicro_batch_size: 2\n"
-                       "max_steps: 4\nsave_every: 4\ndevice: cpu\n")
-        adapter = sft.main(load_config(SFTConfig, cfg)) / "final"
-    backend = LocalBackend(str(adapter), device="cpu")
-    trace_file = tmp_path / "smoke.jsonl"
-    result = answer(backend, services, CustomerRequest(33, "Could you help me send the umbrella back?"),
-                    trace_path=trace_file, max_steps=2)
-    assert result.status in {"answered", "step_limit", "format_errors", "repeated_calls"}
-    assert result.message.startswith(("answered after", "stopped after"))
-    records = read_trace(trace_file)
-    assert records[0]["event"] == "start" and records[-1]["event"] == "end"
-    steps = [r for r in records if r["event"] == "step"]
-    assert len(steps) == len(result.steps) >= 1
-    assert all(r["prompt_tokens"] > 0 and r["latency_s"] >= 0 for r in steps)

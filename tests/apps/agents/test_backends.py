@@ -174,3 +174,18 @@ def test_local_stream_can_be_abandoned(local):
     first = next(stream)
     stream.close()  # the generation thread is stopped and joined, not left running
     assert first
+
+
+def test_local_chat_reuses_the_prompt_prefix_and_replies_as_without_reuse(local):
+    """An agent's next step is the previous prompt plus the reply and an observation: with prefix reuse
+    only the new part is read, and the replies are those of a backend that re-reads every prompt."""
+    fresh = LocalBackend.from_loaded(local.model, local.tokenizer, name="tiny", prefix_reuse=False)
+    first = local.chat(MESSAGES, max_tokens=12, temperature=0.0)
+    first_prompt = local.prompt_tokens
+    assert fresh.chat(MESSAGES, max_tokens=12, temperature=0.0) == first
+    following = MESSAGES + [{"role": "assistant", "content": first}, {"role": "user", "content": "Observation: 42"}]
+    second = local.chat(following, max_tokens=12, temperature=0.0)
+    # The first prompt at least (this model's replies start with a space, which the chat drops).
+    assert first_prompt <= local.reused_tokens < local.prompt_tokens
+    assert fresh.chat(following, max_tokens=12, temperature=0.0) == second
+    assert fresh.reused_tokens == 0 and fresh.prompt_tokens == local.prompt_tokens

@@ -4,11 +4,12 @@ Agents, chain of thought and PAL talk to a `ChatBackend` only, so the same code 
 model, a fine-tuned directory or a served model (vLLM, llama.cpp server, Ollama, OpenAI itself).
 
 * `LocalBackend` runs a model loaded by `alignkit.models` (chat template, greedy or sampled decoding).
-  `chat` decodes under a grammar when given one (`alignkit.models.constrained`), stops a row as
-  soon as a stop string appears, and reuses the key/value cache of the longest prompt prefix it has
-  already computed: an agent's prompt is the previous step's prompt plus the reply and observation,
-  and every request starts with the same system prompt and worked examples, so most of a prompt
-  is never run through the model twice. Streaming uses transformers' `TextIteratorStreamer` with
+  `chat` decodes under a grammar when given one (`alignkit.models.constrained`), stops as soon as
+  a stop string appears, and reuses the key/value cache of the longest prompt prefix it has
+  already computed (`alignkit.models.prefix_cache`, on the rollout engine's weights): an agent's
+  prompt is the previous step's prompt plus the reply and observation, and every request starts
+  with the same system prompt and worked examples, so most of a prompt is never run through the
+  model twice (`prefix_reuse=False` re-reads it all, to measure the difference). Streaming uses transformers' `TextIteratorStreamer` with
   generation on a background thread.
 * `OpenAIBackend` POSTs to `{base_url}/chat/completions`; with streaming it reads the server-sent
   events (`data: {...}` lines, ending with `data: [DONE]`). `chat_tools` sends OpenAI `tools` and
@@ -62,29 +63,6 @@ def cut_at_stop(text: str, stop: list[str] | None) -> str:
     return text[:offset + cut]
 
 
-class StopStringsProcessor:
-    """HF-style logits processor that ends a row (only EOS allowed) once its new text contains a stop string.
-
-    Works in any decoding loop that takes logits processors, unlike a stopping criterion. Text
-    before the first stop string is kept; a stop string at the very start does not count (see
-    `cut_at_stop`).
-    """
-
-    def __init__(self, tokenizer, stop: list[str], eos_token_id: int):
-        self.tokenizer, self.stop, self.eos = tokenizer, [s for s in stop if s], eos_token_id
-        self.prompt_width: int | None = None
-
-    def __call__(self, input_ids, scores):
-        if self.prompt_width is None:
-            self.prompt_width = input_ids.shape[1]
-        for row in range(input_ids.shape[0]):
-            text = self.tokenizer.decode(input_ids[row, self.prompt_width:], skip_special_tokens=True)
-            if cut_at_stop(text, self.stop) != text:
-                scores[row, :] = float("-inf")
-                scores[row, self.eos] = 0.0
-        return scores
-
-
 class _Cancelled(Exception):
     pass
 
@@ -108,70 +86,52 @@ def _cancellable_streamer(tokenizer):
 class LocalBackend:
     """A model loaded by `alignkit.models.load_model`: 'embedded', an HF directory, an adapter directory, a .gguf."""
 
-    def __init__(self, model_spec: str = "embedded", *, device: str = "auto"):
+    def __init__(self, model_spec: str = "embedded", *, device: str = "auto", prefix_reuse: bool = True):
         from alignkit.models import load_model
 
-        self.name = model_spec
-        self.model, self.tokenizer = load_model(model_spec, device=device)
-        self._cache, self._cached_ids = None, []
+        model, tokenizer = load_model(model_spec, device=device)
+        self._setup(model, tokenizer, model_spec, prefix_reuse)
 
     @classmethod
-    def from_loaded(cls, model, tokenizer, name: str = "local") -> LocalBackend:
+    def from_loaded(cls, model, tokenizer, name: str = "local", *, prefix_reuse: bool = True) -> LocalBackend:
         """Wrap a (model, tokenizer) pair that is already in memory."""
         backend = cls.__new__(cls)
-        backend.name, backend.model, backend.tokenizer = name, model, tokenizer
-        backend._cache, backend._cached_ids = None, []
+        backend._setup(model, tokenizer, name, prefix_reuse)
         return backend
+
+    def _setup(self, model, tokenizer, name: str, prefix_reuse: bool) -> None:
+        from alignkit.models.prefix_cache import PrefixCachedDecoder
+
+        self.name, self.model, self.tokenizer = name, model, tokenizer
+        self.decoder = PrefixCachedDecoder(model, tokenizer, reuse=prefix_reuse)
+        self.prompt_tokens = self.reused_tokens = 0
 
     def chat(self, messages: list[dict], *, max_tokens: int, temperature: float,
              stop: list[str] | None = None, grammar: str | None = None) -> str:
-        """The reply to `messages`; under `grammar` (see alignkit.models.constrained) when given one."""
-        import copy
+        """The reply to `messages`; under `grammar` (see alignkit.models.constrained) when given one.
 
-        import torch
-        from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
-
+        Decoded by `self.decoder` (`alignkit.models.prefix_cache`): the part of the prompt shared with
+        what was read before is not run through the model again (`reused_tokens` says how much was).
+        """
         from alignkit.models.constrained import GrammarLogitsProcessor
-        from alignkit.models.generation import eos_ids, render_prompt
+        from alignkit.models.generation import render_prompt
 
-        tokenizer, device = self.tokenizer, next(self.model.parameters()).device
+        tokenizer = self.tokenizer
         with_template = tokenizer.chat_template is not None
         ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=not with_template)["input_ids"]
-        eos = eos_ids(tokenizer, self.model)
-        processors = LogitsProcessorList()
-        if grammar is not None:
-            processors.append(GrammarLogitsProcessor(tokenizer, grammar, eos_token_ids=eos))
-        if stop:
-            processors.append(StopStringsProcessor(tokenizer, stop, eos[0]))
-        # Prefix reuse: the cache holds the keys and values of `cached_ids`; keep the part shared with
-        # this prompt (at least one prompt token must still go through the model).
-        shared = 0
-        for a, b in zip(self._cached_ids, ids[:-1]):
-            if a != b:
-                break
-            shared += 1
-        cache = DynamicCache()
-        if shared:
-            cache = copy.deepcopy(self._cache)
-            surplus = cache.get_seq_length() - shared
-            if surplus:
-                cache.crop(-surplus)  # this transformers version takes the number of positions to drop
-        sample = temperature > 0
-        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=sample, eos_token_id=eos,
-                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0],
-                                  return_dict_in_generate=True,
-                                  **({"temperature": temperature, "top_k": 0} if sample else {}))
-        input_ids = torch.tensor([ids], device=device)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      past_key_values=cache, generation_config=config,
-                                      logits_processor=processors)
-        sequence = out.sequences[0].tolist()
-        self._cache = out.past_key_values
-        self._cached_ids = sequence[:self._cache.get_seq_length()]
-        self.prompt_tokens, self.reused_tokens = len(ids), shared
-        new = [t for t in sequence[len(ids):] if t not in eos]
-        return cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop).strip()
+        eos = self.decoder.eos
+        grammar_processor = GrammarLogitsProcessor(tokenizer, grammar, eos_token_ids=eos) if grammar else None
+        stops = [s for s in stop or [] if s]
+
+        def stopped(new: list[int]) -> bool:  # a stop string in the reply (not at its very start) ends it
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            return cut_at_stop(text, stops) != text
+
+        new = self.decoder.generate(ids, max_new_tokens=max_tokens, temperature=temperature,
+                                    logits_processor=grammar_processor, stop=stopped if stops else None)
+        self.prompt_tokens, self.reused_tokens = self.decoder.prompt_tokens, self.decoder.reused_tokens
+        text = tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
+        return cut_at_stop(text, stop).strip()
 
     def stream(self, messages: list[dict], *, max_tokens: int, temperature: float,
                stop: list[str] | None = None) -> Iterator[str]:

@@ -1,0 +1,124 @@
+"""Decoding one prompt at a time while keeping the key/value cache of everything already read.
+
+An agent calls its model again and again with prompts that begin alike: every step of a request is
+the previous step's prompt plus the reply and the observation, and every request begins with the
+same system prompt, tool descriptions and worked examples. `PrefixCachedDecoder` keeps one static
+cache (transformers' `StaticCache`, as the rollout engine uses) and the token ids whose keys and
+values it holds. A new prompt is compared with those ids: the cache is cut back to the longest
+shared prefix (in place, no copy: the columns after it are simply written over) and only the rest
+of the prompt goes through the model, so the shared prefix is computed once and read by every
+later step and request.
+
+    decoder = PrefixCachedDecoder(model, tokenizer)
+    new_ids = decoder.generate(prompt_ids, max_new_tokens=96, logits_processor=grammar_processor)
+    decoder.reused_tokens  # prompt tokens of the last call that were not run through the model again
+
+The weights are the rollout engine's (`alignkit.models.rollout.engine_for`): a plain model decodes
+from its own tensors, a LoRA (peft) model from a merged copy, re-synced when its weights change; a
+change of weights also empties the cache, since the cached keys and values belong to the old ones.
+The decode loop is the engine's (LM head on the last position only, the engine's seeded sampler);
+it is written out here because the engine starts every batch from an empty cache.
+
+`reuse=False` re-reads every prompt from the start: the same decoding, for measuring what reuse buys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from alignkit.models.generation import eos_ids
+from alignkit.models.sampling import row_seeds, sample, uniforms
+
+MIN_CAPACITY = 1024
+"""Smallest cache allocated, in tokens (46 kB per token for the embedded model in fp32)."""
+
+
+def shared_prefix_length(cached: list[int], ids: list[int]) -> int:
+    """Tokens at the start of `ids` whose keys and values `cached` already holds, leaving the last token
+    of `ids` to be run (its logits give the first new token)."""
+    n = 0
+    for a, b in zip(cached, ids[:-1]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+class PrefixCachedDecoder:
+    """Greedy or sampled decoding of a batch of one, reusing the cache of the longest prefix already read."""
+
+    def __init__(self, model, tokenizer, *, reuse: bool = True):
+        self.source, self.tokenizer, self.reuse = model, tokenizer, reuse
+        self.eos = eos_ids(tokenizer, model)
+        self.cache = None
+        self.capacity = 0
+        self.ids: list[int] = []
+        """The tokens whose keys and values fill the cache's first len(ids) columns."""
+        self._weights = None
+        self.prompt_tokens = self.reused_tokens = 0
+
+    def _model(self):
+        """The engine's generation model; the cache is emptied when it or its weights changed."""
+        from alignkit.models.rollout import engine_for
+
+        engine = engine_for(self.source, self.tokenizer)
+        weights = (id(engine.model), engine.version)
+        if weights != self._weights:
+            self._weights, self.ids = weights, []
+        return engine.model
+
+    def _cut(self, model, keep: int, needed: int) -> None:
+        """Keep the cache's first `keep` columns and make room for `needed` in all."""
+        from alignkit.models.rollout import filled_static_cache
+
+        if needed > self.capacity:  # a new, bigger cache: what it should keep is read again
+            self.capacity = max(MIN_CAPACITY, 1 << (needed - 1).bit_length())
+            self.cache, keep = filled_static_cache(model.config, self.capacity), 0
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.fill_(keep)  # where the next keys are written
+            layer.filled = keep  # how many columns attention reads
+        del self.ids[keep:]
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None,
+                 logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+        """The new token ids after the prompt `ids`, up to and including EOS when it is produced.
+
+        logits_processor(input_ids (1, T), scores (1, V)) -> scores, as in the rollout engine (a grammar,
+        stop strings). stop(new_ids) -> True ends the reply after the token just drawn.
+        """
+        if not ids:
+            raise ValueError("the prompt is empty")
+        model = self._model()
+        device = next(model.parameters()).device
+        keep = shared_prefix_length(self.ids, ids) if self.reuse else 0
+        self._cut(model, keep, len(ids) + max_new_tokens)
+        keep = len(self.ids)
+        self.prompt_tokens, self.reused_tokens = len(ids), keep
+        if max_new_tokens <= 0:
+            return []
+        rest = torch.tensor([ids[keep:]], device=device)
+        logits = model(input_ids=rest, position_ids=torch.arange(keep, len(ids), device=device)[None],
+                       past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.ids.extend(ids[keep:])
+        seeds = row_seeds(seed, 1)
+        seq = torch.tensor([ids], device=device)
+        new: list[int] = []
+        for step in range(max_new_tokens):
+            scores = logits.float()
+            if logits_processor is not None:
+                scores = logits_processor(seq, scores)
+            token = sample(scores, uniforms(seeds, step).to(device), temperature, top_k, top_p)
+            new.append(int(token))
+            if new[-1] in self.eos or (stop is not None and stop(new)) or step == max_new_tokens - 1:
+                break
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            logits = model(input_ids=token[:, None], position_ids=torch.tensor([[len(self.ids)]], device=device),
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            self.ids.append(new[-1])
+        return new

@@ -1,0 +1,122 @@
+"""PrefixCachedDecoder on the tiny model: the scores it decodes from equal a full forward pass over the
+whole sequence (no cache), whether the prompt's prefix came from the cache or not, after cutting the
+cache back, after the cache grew, and after the weights changed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from alignkit.models import prefix_cache
+from alignkit.models.prefix_cache import PrefixCachedDecoder, shared_prefix_length
+
+
+class Recorder:
+    """A logits processor that keeps (input ids, scores) of every step and changes nothing."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append((input_ids[0].tolist(), scores[0].clone()))
+        return scores
+
+
+def assert_scores_match_full_forward(model, recorder: Recorder, new: list[int]) -> None:
+    assert len(recorder.steps) == len(new)
+    for (seq, scores), token in zip(recorder.steps, new):
+        with torch.no_grad():
+            reference = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+        torch.testing.assert_close(scores, reference, atol=1e-4, rtol=1e-4)
+        assert token == int(scores.argmax())  # greedy
+
+
+@pytest.fixture()
+def model_and_tokenizer(tiny):
+    model, tokenizer = tiny
+    return copy.deepcopy(model), tokenizer  # a private copy: one test changes its weights
+
+
+def prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_shared_prefix_length_leaves_the_last_prompt_token_to_run():
+    assert shared_prefix_length([1, 2, 3, 4], [1, 2, 9]) == 2
+    assert shared_prefix_length([1, 2, 3, 4], [1, 2, 3]) == 2  # the whole prompt is cached: its last token still runs
+    assert shared_prefix_length([], [1, 2]) == 0
+    assert shared_prefix_length([5], [1, 2]) == 0
+
+
+def test_reused_prefix_gives_the_scores_of_a_full_forward_pass(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    decoder = PrefixCachedDecoder(model, tokenizer)
+    first_ids = prompt(tokenizer, "The quick brown fox jumps over the lazy dog. user")
+    recorder = Recorder()
+    first = decoder.generate(first_ids, max_new_tokens=6, logits_processor=recorder)
+    assert decoder.reused_tokens == 0
+    assert_scores_match_full_forward(model, recorder, first)
+
+    # The next step's prompt: the previous prompt, the reply, then more text (as an agent's next step).
+    second_ids = first_ids + first + prompt(tokenizer, " assistant system")
+    recorder = Recorder()
+    second = decoder.generate(second_ids, max_new_tokens=6, logits_processor=recorder)
+    # Everything read before is reused: the prompt and the reply but its last token, never run through the model.
+    assert decoder.reused_tokens == len(first_ids) + len(first) - 1
+    assert_scores_match_full_forward(model, recorder, second)
+
+    # A prompt that shares only its beginning: the cache is cut back there and written over.
+    third_ids = first_ids[:5] + prompt(tokenizer, " system assistant user")
+    recorder = Recorder()
+    third = decoder.generate(third_ids, max_new_tokens=6, logits_processor=recorder)
+    assert decoder.reused_tokens == 5
+    assert_scores_match_full_forward(model, recorder, third)
+
+
+def test_without_reuse_every_prompt_is_read_again_and_decodes_the_same(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    reuse, fresh = PrefixCachedDecoder(model, tokenizer), PrefixCachedDecoder(model, tokenizer, reuse=False)
+    ids = prompt(tokenizer, "The quick brown fox jumps over the lazy dog.")
+    first = reuse.generate(ids, max_new_tokens=5)
+    assert fresh.generate(ids, max_new_tokens=5) == first
+    longer = ids + first + prompt(tokenizer, " user")
+    assert fresh.generate(longer, max_new_tokens=5) == reuse.generate(longer, max_new_tokens=5)
+    assert fresh.reused_tokens == 0 and reuse.reused_tokens >= len(ids)
+
+
+def test_the_cache_grows_past_its_capacity(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(prefix_cache, "MIN_CAPACITY", 8)
+    decoder = PrefixCachedDecoder(model, tokenizer)
+    ids = prompt(tokenizer, "The quick brown fox")
+    decoder.generate(ids, max_new_tokens=2)
+    small = decoder.capacity
+    longer = ids + prompt(tokenizer, " jumps over the lazy dog. The quick brown fox jumps over the lazy dog.")
+    recorder = Recorder()
+    new = decoder.generate(longer, max_new_tokens=4, logits_processor=recorder)
+    assert decoder.capacity > small >= 8
+    assert_scores_match_full_forward(model, recorder, new)
+
+
+def test_new_weights_empty_the_cache(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    decoder = PrefixCachedDecoder(model, tokenizer)
+    ids = prompt(tokenizer, "The quick brown fox jumps over the lazy dog.")
+    decoder.generate(ids, max_new_tokens=3)
+    with torch.no_grad():  # an optimizer step, as far as the cache can tell
+        model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
+    recorder = Recorder()
+    new = decoder.generate(ids, max_new_tokens=3, logits_processor=recorder)
+    assert decoder.reused_tokens == 0  # keys computed with the old weights are not read
+    assert_scores_match_full_forward(model, recorder, new)
+
+
+def test_sampling_is_repeatable_with_a_seed(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    decoder = PrefixCachedDecoder(model, tokenizer)
+    ids = prompt(tokenizer, "The quick brown fox")
+    a = decoder.generate(ids, max_new_tokens=8, temperature=1.0, seed=3)
+    b = decoder.generate(ids, max_new_tokens=8, temperature=1.0, seed=3)
+    assert a == b
