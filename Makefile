@@ -79,8 +79,9 @@ bench: $(BENCH_STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# The ShopBot (examples/shopbot): real SQLite, HTTP label service and SMTP server on 127.0.0.1. Uses the
-# fine-tuned adapter in runs/shopbot/final when present, else the base model (and says so).
+# The ShopBot (examples/shopbot): real SQLite, HTTP label service and SMTP server on 127.0.0.1. Uses a
+# fresh adapter from `make shopbot-train` (runs/shopbot/final) when present, else the one shipped in
+# src/alignkit/data/adapters/shopbot, and says which.
 .PHONY: shopbot-demo shopbot-train
 shopbot-demo: $(STAMP)
 	$(BIN)/python -m examples.shopbot.run_demo

@@ -120,3 +120,27 @@ def test_sampling_is_repeatable_with_a_seed(model_and_tokenizer):
     a = decoder.generate(ids, max_new_tokens=8, temperature=1.0, seed=3)
     b = decoder.generate(ids, max_new_tokens=8, temperature=1.0, seed=3)
     assert a == b
+
+
+def test_a_grammar_is_obeyed_and_its_forced_tokens_share_one_forward_pass(model_and_tokenizer):
+    """Jump-forward decoding: the literal the grammar forces is read with the prompt, in one pass; the
+    scores of the drawn tokens still equal a full forward pass over prompt + tokens so far."""
+    import re
+
+    from alignkit.models.constrained import lark_grammar
+
+    model, tokenizer = model_and_tokenizer
+    decoder = PrefixCachedDecoder(model, tokenizer)
+    grammar = lark_grammar('start: "The quick brown fox jumps over" WORD "." \nWORD: /( [a-z]{1,6}){1,3}/')
+    ids = prompt(tokenizer, "user system")
+    recorder = Recorder()
+    new = decoder.generate(ids, max_new_tokens=40, grammar=grammar, logits_processor=recorder)
+    text = tokenizer.decode([t for t in new if t not in decoder.eos])
+    assert re.fullmatch(r"The quick brown fox jumps over( [a-z]{1,6}){1,3}\.", text), text
+    assert decoder.forward_passes == len(recorder.steps) < len(new)  # forced tokens were never drawn
+    forced = len(prompt(tokenizer, "The quick brown fox jumps over")) - 1  # its last token may merge with what follows
+    assert decoder.forward_passes <= len(new) - forced
+    for seq, scores in recorder.steps:
+        with torch.no_grad():
+            reference = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+        torch.testing.assert_close(scores, reference, atol=1e-4, rtol=1e-4)

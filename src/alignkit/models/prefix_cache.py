@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from alignkit.errors import AlignkitError
 from alignkit.models.generation import eos_ids
 from alignkit.models.sampling import row_seeds, sample, uniforms
 
@@ -57,7 +58,7 @@ class PrefixCachedDecoder:
         self.ids: list[int] = []
         """The tokens whose keys and values fill the cache's first len(ids) columns."""
         self._weights = None
-        self.prompt_tokens = self.reused_tokens = 0
+        self.prompt_tokens = self.reused_tokens = self.forward_passes = 0
 
     def _model(self):
         """The engine's generation model; the cache is emptied when it or its weights changed."""
@@ -84,13 +85,16 @@ class PrefixCachedDecoder:
 
     @torch.inference_mode()
     def generate(self, ids: list[int], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None,
+                 top_p: float = 1.0, seed: int | None = None, grammar: str | None = None,
                  logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  stop: Callable[[list[int]], bool] | None = None) -> list[int]:
         """The new token ids after the prompt `ids`, up to and including EOS when it is produced.
 
-        logits_processor(input_ids (1, T), scores (1, V)) -> scores, as in the rollout engine (a grammar,
-        stop strings). stop(new_ids) -> True ends the reply after the token just drawn.
+        grammar: an llguidance grammar (`alignkit.models.constrained`): every drawn token is one the
+        grammar allows, tokens the grammar forces are appended without drawing and run through the
+        model together in one forward pass (jump-forward decoding), and the reply ends as soon as the
+        grammar is complete. logits_processor(input_ids (1, T), scores (1, V)) -> scores, as in the
+        rollout engine. stop(new_ids) -> True ends the reply after the token just drawn.
         """
         if not ids:
             raise ValueError("the prompt is empty")
@@ -99,26 +103,66 @@ class PrefixCachedDecoder:
         keep = shared_prefix_length(self.ids, ids) if self.reuse else 0
         self._cut(model, keep, len(ids) + max_new_tokens)
         keep = len(self.ids)
-        self.prompt_tokens, self.reused_tokens = len(ids), keep
+        self.prompt_tokens, self.reused_tokens, self.forward_passes = len(ids), keep, 0
         if max_new_tokens <= 0:
             return []
-        rest = torch.tensor([ids[keep:]], device=device)
-        logits = model(input_ids=rest, position_ids=torch.arange(keep, len(ids), device=device)[None],
-                       past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.ids.extend(ids[keep:])
-        seeds = row_seeds(seed, 1)
-        seq = torch.tensor([ids], device=device)
         new: list[int] = []
-        for step in range(max_new_tokens):
+        matcher = None
+        if grammar is not None:
+            matcher, bitmask = grammar_matcher(self.tokenizer, grammar, model.config.vocab_size, self.eos)
+            new = matcher.compute_ff_tokens()[:max_new_tokens]  # what every reply begins with: read with the prompt
+            if new and not matcher.consume_tokens(new):
+                raise AlignkitError(f"the grammar's forced tokens broke it: {matcher.get_error()}")
+            if matcher.is_stopped():
+                return new
+        feed = ids[keep:] + new
+        seeds = row_seeds(seed, 1)
+        for step in range(max_new_tokens - len(new)):
+            logits = model(input_ids=torch.tensor([feed], device=device),
+                           position_ids=torch.arange(len(self.ids), len(self.ids) + len(feed), device=device)[None],
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            self.ids.extend(feed)
+            self.forward_passes += 1
             scores = logits.float()
             if logits_processor is not None:
-                scores = logits_processor(seq, scores)
+                scores = logits_processor(torch.tensor([ids + new], device=device), scores)
+            if matcher is not None:
+                mask_scores(matcher, bitmask, scores)
             token = sample(scores, uniforms(seeds, step).to(device), temperature, top_k, top_p)
             new.append(int(token))
-            if new[-1] in self.eos or (stop is not None and stop(new)) or step == max_new_tokens - 1:
+            forced = []
+            if matcher is not None:
+                if not matcher.consume_token(new[-1]):
+                    raise AlignkitError(f"token {new[-1]} broke the grammar: {matcher.get_error()}")
+                if matcher.is_stopped():  # complete: only the end of the reply could follow
+                    break
+                forced = matcher.compute_ff_tokens()[:max_new_tokens - len(new)]
+                if forced and not matcher.consume_tokens(forced):
+                    raise AlignkitError(f"the grammar's forced tokens broke it: {matcher.get_error()}")
+            if new[-1] in self.eos or (stop is not None and stop(new)) or len(new) + len(forced) >= max_new_tokens:
+                new += forced
                 break
-            seq = torch.cat([seq, token[:, None]], dim=1)
-            logits = model(input_ids=token[:, None], position_ids=torch.tensor([[len(self.ids)]], device=device),
-                           past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            self.ids.append(new[-1])
+            feed = [new[-1], *forced]
+            new += forced
         return new
+
+
+def grammar_matcher(tokenizer, grammar: str, n_vocab: int, eos: list[int]):
+    """(llguidance matcher of `grammar`, its token bitmask), over the tokenizer's vocabulary."""
+    import llguidance
+    import llguidance.torch as llt
+
+    from alignkit.models.constrained import _ll_tokenizer  # built once per tokenizer (about a second)
+
+    matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, n_vocab, tuple(eos)), grammar)
+    if matcher.is_error():
+        raise AlignkitError(f"the grammar cannot be used: {matcher.get_error()}")
+    return matcher, llt.allocate_token_bitmask(1, n_vocab)
+
+
+def mask_scores(matcher, bitmask: torch.Tensor, scores: torch.Tensor) -> None:
+    """Set the scores (1, V) of every token the grammar does not allow next to -inf, in place."""
+    import llguidance.torch as llt
+
+    llt.fill_next_token_bitmask(matcher, bitmask, 0)
+    llt.apply_token_bitmask_inplace(scores, bitmask.to(scores.device))

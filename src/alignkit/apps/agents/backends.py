@@ -111,16 +111,15 @@ class LocalBackend:
         """The reply to `messages`; under `grammar` (see alignkit.models.constrained) when given one.
 
         Decoded by `self.decoder` (`alignkit.models.prefix_cache`): the part of the prompt shared with
-        what was read before is not run through the model again (`reused_tokens` says how much was).
+        what was read before is not run through the model again (`reused_tokens` says how much was),
+        and tokens the grammar forces are run together in one forward pass.
         """
-        from alignkit.models.constrained import GrammarLogitsProcessor
         from alignkit.models.generation import render_prompt
 
         tokenizer = self.tokenizer
         with_template = tokenizer.chat_template is not None
         ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=not with_template)["input_ids"]
         eos = self.decoder.eos
-        grammar_processor = GrammarLogitsProcessor(tokenizer, grammar, eos_token_ids=eos) if grammar else None
         stops = [s for s in stop or [] if s]
 
         def stopped(new: list[int]) -> bool:  # a stop string in the reply (not at its very start) ends it
@@ -128,7 +127,7 @@ class LocalBackend:
             return cut_at_stop(text, stops) != text
 
         new = self.decoder.generate(ids, max_new_tokens=max_tokens, temperature=temperature,
-                                    logits_processor=grammar_processor, stop=stopped if stops else None)
+                                    grammar=grammar, stop=stopped if stops else None)
         self.prompt_tokens, self.reused_tokens = self.decoder.prompt_tokens, self.decoder.reused_tokens
         text = tokenizer.decode([t for t in new if t not in eos], skip_special_tokens=True)
         return cut_at_stop(text, stop).strip()
