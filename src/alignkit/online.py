@@ -20,6 +20,7 @@ from alignkit.evaluate.monitors import distinct_n, mean_repetition
 from alignkit.evaluate.rewards import load_reward
 from alignkit.io import batch_seed
 from alignkit.models.generation import Generation, left_pad, tail_mask
+from alignkit.models.shared_prefix import PrefixSplit, forward_shared, split_shared_prefix
 from alignkit.runs import METRICS_FILE
 
 
@@ -58,6 +59,7 @@ class Rollout:
     keep: int
     resp_mask: torch.Tensor  # (B, keep), 1 on response tokens
     lengths: torch.Tensor    # (B,)
+    split: PrefixSplit | None = None  # rows of one prompt read it once (see rollout_logprobs)
 
 
 def sample(engine, policy, prompts: list[str], seeds: list[int], *, max_new_tokens: int, temperature: float,
@@ -85,7 +87,13 @@ def sample(engine, policy, prompts: list[str], seeds: list[int], *, max_new_toke
     ids, mask = left_pad([p + r for p, r in zip(gen.prompt_ids, responses)], tokenizer.pad_token_id, device)
     keep = max(len(r) for r in responses)
     lengths = torch.tensor([len(r) for r in responses], device=device)
-    return Rollout(gen, ids, mask, keep, tail_mask(lengths, keep), lengths)
+    # Several completions of a prompt: the trainer's passes read the prompt once per group (None when
+    # no prompt has two rows here). Its last token stays in each row's tail (its logits predict the
+    # first response token), so the tails, left-padded, are keep + 1 wide with the responses in the
+    # last `keep` columns, as in `ids`.
+    split = split_shared_prefix([p + r for p, r in zip(gen.prompt_ids, responses)], list(prompts),
+                                [len(p) - 1 for p in gen.prompt_ids], tokenizer.pad_token_id, device)
+    return Rollout(gen, ids, mask, keep, tail_mask(lengths, keep), lengths, split)
 
 
 def tail_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, keep: int,
@@ -102,11 +110,27 @@ def tail_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: flo
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=hidden,
                 logits_to_keep=keep + 1)
-    logits = out.logits[:, :-1].float()  # (B, keep, V): position t predicts token t + 1
+    logp = _tail_logp(out.logits, ids, temperature, keep)
+    return (logp, out.hidden_states[-1][:, -keep - 1:-1]) if hidden else logp
+
+
+def _tail_logp(logits: torch.Tensor, ids: torch.Tensor, temperature: float, keep: int) -> torch.Tensor:
+    logits = logits[:, -keep - 1:-1].float()  # (B, keep, V): position t predicts token t + 1
     if temperature != 1.0:  # at 1, no (B, keep, V) copy to make and to differentiate through
         logits = logits / temperature
-    logp = (logits.gather(2, ids[:, -keep:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(2)
-    return (logp, out.hidden_states[-1][:, -keep - 1:-1]) if hidden else logp
+    return (logits.gather(2, ids[:, -keep:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(2)
+
+
+def rollout_logprobs(model, ro: Rollout, temperature: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`tail_logprobs` of the rollout's rows (all, or the minibatch `rows`), (B, keep). When rows share
+    prompts (ro.split), each prompt is read once and its key/value cache serves its group's rows: the
+    same numbers up to float rounding, gradients included, for about half the tokens on GRPO batches."""
+    if ro.split is None:
+        ids, mask = (ro.ids, ro.mask) if rows is None else (ro.ids[rows], ro.mask[rows])
+        return tail_logprobs(model, ids, mask, temperature, ro.keep)
+    split = ro.split if rows is None else ro.split.select(rows)
+    out = forward_shared(model, split, logits_to_keep=ro.keep + 1)
+    return _tail_logp(out.logits, split.tail_ids, temperature, ro.keep)
 
 
 def sampler_gap(gen: Generation, trainer_logp: torch.Tensor) -> torch.Tensor:

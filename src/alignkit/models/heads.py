@@ -10,6 +10,7 @@ from torch import nn
 
 from alignkit.io import atomic_dir
 from alignkit.models.loading import load_model
+from alignkit.models.shared_prefix import PrefixSplit, forward_shared, split_shared_prefix
 
 HEAD_FILE = "scalar_head.safetensors"
 
@@ -39,10 +40,18 @@ class ScalarHeadModel(nn.Module):
         param = next(causal_lm.parameters())
         self.head = head.to(device=param.device, dtype=torch.float32)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = True) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, per_token: bool = True,
+                split: PrefixSplit | None = None) -> torch.Tensor:
         """Per-token scalars (B, T), or with per_token=False the scalar at each sequence's last real
-        token (B,), for left or right padding. (One entry point, so DDP-wrapped training works.)"""
+        token (B,), for left or right padding. (One entry point, so DDP-wrapped training works.)
+        With `split` (rows cut by models.shared_prefix.split_shared_prefix) the rows are read with their shared
+        prefixes run once, and per_token=False is required: the scalars of the prefix are not computed."""
         decoder = self.causal_lm.get_decoder()
+        if split is not None:
+            if per_token:
+                raise ValueError("a shared-prefix pass gives the scalar at each row's last token only (per_token=False)")
+            hidden = forward_shared(decoder, split).last_hidden_state[:, -1]  # tails are left-padded
+            return self.head(hidden.float()).squeeze(-1)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         values = self.head(hidden.float()).squeeze(-1)  # (B, T)
         if per_token:
@@ -66,12 +75,24 @@ class ScalarHeadModel(nn.Module):
 
         device = next(self.parameters()).device
         seqs = [encode_response(tokenizer, p, c, max_length) for p, c in zip(prompts, completions)]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths batch together
+        # Similar lengths batch together, and the replies to one prompt sit side by side, so a batch
+        # reads each shared prompt once (models.shared_prefix) when several replies to it are scored.
+        mean_len: dict[str, list[int]] = {}
+        for p, s in zip(prompts, seqs):
+            mean_len.setdefault(p, []).append(len(s))
+        order = sorted(range(len(seqs)), key=lambda i: (sum(mean_len[prompts[i]]) / len(mean_len[prompts[i]]),
+                                                        prompts[i], len(seqs[i])))
         scores = [0.0] * len(seqs)
         for start in tqdm(range(0, len(seqs), batch_size), desc="scoring", disable=not progress, unit="batch"):
             rows = order[start:start + batch_size]
-            ids, mask = left_pad([seqs[i] for i in rows], tokenizer.pad_token_id, device)
-            for i, value in zip(rows, self.score(ids, mask).float().cpu().tolist()):
+            batch = [seqs[i] for i in rows]
+            split = split_shared_prefix(batch, [prompts[i] for i in rows], [len(s) - 1 for s in batch],
+                                        tokenizer.pad_token_id, device)
+            if split is not None:
+                values = self(None, None, per_token=False, split=split)
+            else:
+                values = self.score(*left_pad(batch, tokenizer.pad_token_id, device))
+            for i, value in zip(rows, values.float().cpu().tolist()):
                 scores[i] = value
         return scores
 

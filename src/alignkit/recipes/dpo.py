@@ -24,7 +24,8 @@ from alignkit.errors import AlignkitError
 from alignkit.losses.dpo import dpo_loss
 from alignkit.models import save_model
 from alignkit.models.generation import left_pad
-from alignkit.models.logprobs import sequence_logprob
+from alignkit.models.logprobs import sequence_logprob, shared_sequence_logprob
+from alignkit.models.shared_prefix import split_shared_prefix
 from alignkit.training import fit_pairwise, load_trainable, make_accelerator, make_optimizer, open_run_dir, resume_state
 
 
@@ -38,9 +39,14 @@ def encode(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
 
 
 def batch_logprobs(model, batch: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs of chosen and rejected, each (B,), in one forward pass."""
+    """Summed completion log-probs of chosen and rejected, each (B,), in one forward pass (the two
+    replies of a pair share their prompt, which is read once: models.shared_prefix)."""
     seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
     n_prompt = [b["chosen_prompt"] for b in batch] + [b["rejected_prompt"] for b in batch]
+    split = split_shared_prefix(seqs, list(range(len(batch))) * 2, [n - 1 for n in n_prompt], pad_id, device)
+    if split is not None:
+        logp = shared_sequence_logprob(model, split, torch.tensor(n_prompt, device=device))
+        return logp[:len(batch)], logp[len(batch):]
     ids, mask = left_pad(seqs, pad_id, device)
     width = ids.shape[1]
     # Completion tokens: after the (left padding +) prompt of each row.

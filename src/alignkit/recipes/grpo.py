@@ -38,7 +38,7 @@ from alignkit.losses.kl import kl_k1, kl_k3
 from alignkit.models import save_model
 from alignkit.models.rollout import RolloutEngine
 from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, kl_controller, row_seeds, sample,
-                             sampler_gap, tail_logprobs)
+                             rollout_logprobs, sampler_gap)
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
 
@@ -140,17 +140,17 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
         if fused:
             model.train()
             with timer("update"), accelerator.autocast():
-                live_logp = tail_logprobs(model, ro.ids, ro.mask, cfg.temperature, ro.keep)
+                live_logp = rollout_logprobs(model, ro, cfg.temperature)
             old_logp = live_logp.detach()
         else:
             with timer("old_logprobs"), torch.no_grad():  # the unwrapped module: no DDP bookkeeping
-                old_logp = tail_logprobs(policy, ro.ids, ro.mask, cfg.temperature, ro.keep)
+                old_logp = rollout_logprobs(policy, ro, cfg.temperature)
         ref_logp = None
         if cfg.kl_coef > 0:
             ref_model, off = ((policy, policy.disable_adapter()) if reference is None
                               else (reference, contextlib.nullcontext()))
             with timer("reference"), torch.no_grad(), off:
-                ref_logp = tail_logprobs(ref_model, ro.ids, ro.mask, cfg.temperature, ro.keep)
+                ref_logp = rollout_logprobs(ref_model, ro, cfg.temperature)
         kl = (kl_fn(old_logp, ref_logp) * ro.resp_mask).sum(dim=1) if ref_logp is not None else torch.zeros_like(scores)
         if cfg.kl_in == "reward":
             scores = scores - kl_ctl.coef * kl
@@ -170,8 +170,7 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
                     mb = slice(0, None) if fused else torch.tensor(local, device=device)
                     resp_mask = ro.resp_mask[mb]
                     with accelerator.autocast():
-                        logp = live_logp if fused else tail_logprobs(model, ro.ids[mb], ro.mask[mb], cfg.temperature,
-                                                                     ro.keep)
+                        logp = live_logp if fused else rollout_logprobs(model, ro, cfg.temperature, mb)
                         per_token = clipped_token_loss(logp, old_logp[mb], advantages[mb], cfg.clip, clip_high)
                         if cfg.kl_in == "loss" and ref_logp is not None:
                             per_token = per_token + kl_ctl.coef * kl_k3(logp, ref_logp[mb])

@@ -22,6 +22,7 @@ from alignkit.errors import AlignkitError
 from alignkit.losses.reward import bradley_terry_loss, reward_centering, soft_bradley_terry_loss
 from alignkit.models import ScalarHeadModel
 from alignkit.models.generation import left_pad
+from alignkit.models.shared_prefix import split_shared_prefix
 from alignkit.training import fit_pairwise, load_trainable, make_accelerator, make_optimizer, open_run_dir, resume_state
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,11 @@ def split_by_prompt(pairs: list[dict], fraction: float, seed: int) -> tuple[list
 
 def pair_scores(model, batch: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected, each (B,), from one forward pass over all 2B sequences."""
-    ids, mask = left_pad([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad_id, device)
-    scores = model(ids, mask, per_token=False)
+    rows = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
+    # The two replies of a pair share their prompt: it is read once (models.shared_prefix), same scores.
+    split = split_shared_prefix(rows, list(range(len(batch))) * 2, [len(r) - 1 for r in rows], pad_id, device)
+    scores = model(None, None, per_token=False, split=split) if split is not None \
+        else model(*left_pad(rows, pad_id, device), per_token=False)
     return scores[:len(batch)], scores[len(batch):]
 
 

@@ -1,0 +1,171 @@
+"""The shared-prefix pass (models.shared_prefix) equals the plain pass over whole rows: outputs and gradients,
+for the policy log-probs (GRPO), a scalar head's last-token score (reward model) and DPO's summed
+completion log-probs; and it is only used when it saves work."""
+
+import pytest
+import torch
+
+from alignkit.models import ScalarHeadModel, load_model
+from alignkit.models.generation import left_pad, tail_mask
+from alignkit.models.lora import attach_lora
+from alignkit.models.shared_prefix import common_prefix_length, forward_shared, split_shared_prefix
+from alignkit.online import Rollout, rollout_logprobs, tail_logprobs
+
+
+@pytest.fixture()
+def lora_model(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    for name, p in model.named_parameters():  # LoRA B starts at zero: give it weight, so it matters
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return model, tok
+
+
+def grouped_rows(n_groups=3, per_group=3, seed=0):
+    """Prompt-major rows: n_groups prompts of different lengths, each with replies of 1..8 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, 200, (5 + 3 * k,), generator=g).tolist() for k in range(n_groups)]
+    rows, groups, prompt_len = [], [], []
+    for k, p in enumerate(prompts):
+        for _ in range(per_group):
+            n = int(torch.randint(1, 9, (1,), generator=g))
+            rows.append(p + torch.randint(5, 200, (n,), generator=g).tolist())
+            groups.append(k)
+            prompt_len.append(len(p))
+    return rows, groups, prompt_len
+
+
+def grads(model):
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same_grads(a, b):
+    assert a and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix_length([[1, 2, 3]]) == 3
+    assert common_prefix_length([[5, 2], [1, 2]]) == 0
+
+
+def test_split_is_none_when_nothing_is_shared():
+    rows = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9]]
+    assert split_shared_prefix(rows, [0, 1, 2], [2, 2, 1], 0, "cpu") is None  # every group a single row
+    assert split_shared_prefix([[1, 2, 3], [4, 2, 3]], [0, 0], [1, 1], 0, "cpu") is None  # nothing in common
+
+
+def test_prefix_stops_at_the_first_needed_position_and_at_a_difference():
+    rows = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7], [1, 2, 3, 9, 9, 9, 9]]
+    split = split_shared_prefix(rows, [0, 0, 0], [4, 4, 4], 0, "cpu", min_saving=0.0)
+    assert split.prefix_len.tolist() == [3]  # the rows part after token 3
+    split = split_shared_prefix(rows[:2], [0, 0], [2, 2], 0, "cpu", min_saving=0.0)
+    assert split.prefix_len.tolist() == [2]  # position 2's output is needed: it stays in the tails
+    assert split.tail_pos[0].tolist() == [2, 3, 4, 5] and split.tail_pos[1].tolist() == [-1, 2, 3, 4]
+    assert split.tail_ids[1].tolist() == [0, 3, 4, 7]
+
+
+def test_policy_logprobs_and_gradients_equal_the_plain_pass(lora_model):
+    model, tok = lora_model
+    rows, groups, prompt_len = grouped_rows()
+    resp = [len(r) - n for r, n in zip(rows, prompt_len)]
+    keep = max(resp)
+    ids, mask = left_pad(rows, tok.pad_token_id, "cpu")
+    valid = tail_mask(torch.tensor(resp), keep)
+    plain = tail_logprobs(model, ids, mask, 0.7, keep)
+    (plain * valid).sum().backward()
+    g_plain = grads(model)
+    split = split_shared_prefix(rows, groups, [n - 1 for n in prompt_len], tok.pad_token_id, "cpu")
+    assert split is not None and split.prefix_ids.shape[0] == 3 and split.tail_ids.shape[1] == keep + 1
+    ro = Rollout(None, ids, mask, keep, valid, torch.tensor(resp), split)
+    shared = rollout_logprobs(model, ro, 0.7)
+    torch.testing.assert_close(shared * valid, plain * valid, atol=1e-5, rtol=1e-5)
+    (shared * valid).sum().backward()
+    assert_same_grads(g_plain, grads(model))
+    # a minibatch of rows from two groups
+    rows_mb = torch.tensor([1, 4, 5])
+    with torch.no_grad():
+        mb = rollout_logprobs(model, ro, 0.7, rows_mb)
+    torch.testing.assert_close(mb * valid[rows_mb], plain.detach()[rows_mb] * valid[rows_mb], atol=1e-5, rtol=1e-5)
+    assert ro.split.select(rows_mb).prefix_ids.shape[0] == 2
+
+
+def test_reference_pass_with_the_adapter_disabled(lora_model):
+    model, tok = lora_model
+    rows, groups, prompt_len = grouped_rows(seed=1)
+    resp = [len(r) - n for r, n in zip(rows, prompt_len)]
+    keep = max(resp)
+    ids, mask = left_pad(rows, tok.pad_token_id, "cpu")
+    valid = tail_mask(torch.tensor(resp), keep)
+    split = split_shared_prefix(rows, groups, [n - 1 for n in prompt_len], tok.pad_token_id, "cpu")
+    ro = Rollout(None, ids, mask, keep, valid, torch.tensor(resp), split)
+    with torch.no_grad(), model.disable_adapter():
+        plain = tail_logprobs(model, ids, mask, 1.0, keep)
+        shared = rollout_logprobs(model, ro, 1.0)
+    with torch.no_grad():
+        adapted = rollout_logprobs(model, ro, 1.0)
+    torch.testing.assert_close(shared * valid, plain * valid, atol=1e-5, rtol=1e-5)
+    assert ((adapted - shared) * valid).abs().max() > 1e-3  # the adapter really was off
+
+
+def test_scalar_head_score_equals_the_plain_pass(lora_model):
+    model, tok = lora_model
+    head = ScalarHeadModel(model)
+    torch.nn.init.normal_(head.head.weight, std=0.5)
+    rows, groups, _ = grouped_rows(n_groups=2, per_group=2, seed=2)
+    ids, mask = left_pad(rows, tok.pad_token_id, "cpu")
+    plain = head(ids, mask, per_token=False)
+    plain.sum().backward()
+    g_plain = grads(head)
+    split = split_shared_prefix(rows, groups, [len(r) - 1 for r in rows], tok.pad_token_id, "cpu")
+    shared = head(None, None, per_token=False, split=split)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    shared.sum().backward()
+    assert_same_grads(g_plain, grads(head))
+    with pytest.raises(ValueError, match="per_token=False"):
+        head(None, None, per_token=True, split=split)
+
+
+def test_score_texts_groups_replies_to_one_prompt_and_keeps_the_order(tiny):
+    model, tok = tiny
+    head = ScalarHeadModel(model)
+    torch.nn.init.normal_(head.head.weight, std=0.5)
+    prompts = ["Where is my order?"] * 3 + ["Can I return shoes?"] * 2 + ["Hi"]
+    replies = ["It ships tomorrow.", "Soon.", "Let me check the order for you.", "Yes, within 30 days.", "No.",
+               "Hello!"]
+    together = head.score_texts(tok, prompts, replies, batch_size=4)
+    alone = [head.score_texts(tok, [p], [r])[0] for p, r in zip(prompts, replies)]
+    assert together == pytest.approx(alone, abs=1e-5)
+
+
+def test_dpo_summed_logprobs_equal_the_plain_pass(lora_model):
+    from alignkit.models.logprobs import sequence_logprob, shared_sequence_logprob
+
+    model, tok = lora_model
+    rows, groups, prompt_len = grouped_rows(n_groups=3, per_group=2, seed=3)
+    ids, mask = left_pad(rows, tok.pad_token_id, "cpu")
+    width = ids.shape[1]
+    starts = torch.tensor([width - len(r) + n for r, n in zip(rows, prompt_len)])
+    target = (torch.arange(width)[None, :] >= starts[:, None]).long() * mask
+    plain = sequence_logprob(model, ids, mask, target)
+    plain.sum().backward()
+    g_plain = grads(model)
+    split = split_shared_prefix(rows, groups, [n - 1 for n in prompt_len], tok.pad_token_id, "cpu")
+    shared = shared_sequence_logprob(model, split, torch.tensor(prompt_len))
+    torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-5)
+    shared.sum().backward()
+    assert_same_grads(g_plain, grads(model))
+
+
+def test_forward_shared_returns_the_tail_pass(lora_model):
+    model, tok = lora_model
+    rows, groups, prompt_len = grouped_rows(n_groups=1, per_group=3, seed=4)
+    split = split_shared_prefix(rows, groups, [n - 1 for n in prompt_len], tok.pad_token_id, "cpu")
+    out = forward_shared(model, split, logits_to_keep=2)
+    assert out.logits.shape[:2] == (3, 2)
