@@ -97,12 +97,12 @@ def test_abstains_below_threshold_without_calling_the_model(handbook, generator_
 
 def test_ask_generates_with_citations(handbook, generator_dir):
     index, _ = handbook
-    out = _run("ask", "--index", str(index), "How many paid vacation days do I get each year?",
+    out = _run("ask", "--index", str(index), "How many paid vacation days do I get each year?", "--answer", "generate",
                "--model", str(generator_dir), "--max-new-tokens", "16", "--device", "cpu", "--json")
     assert out["abstained"] is False and isinstance(out["answer"], str)
     assert 1 <= len(out["citations"]) <= 4
     assert any(c["source"].endswith("handbook/vacation.md") for c in out["citations"])
-    text = runner.invoke(rag_app, ["ask", "--index", str(index), "When is my trial period over?", "--model",
+    text = runner.invoke(rag_app, ["ask", "--index", str(index), "When is my trial period over?", "--answer", "generate", "--model",
                                    str(generator_dir), "--max-new-tokens", "8", "--device", "cpu"])
     assert text.exit_code == 0 and "Sources:" in text.stdout and "[1] " in text.stdout
 
@@ -122,11 +122,32 @@ def test_eval_json_schema_and_metrics(handbook, generator_dir, tmp_path):
     assert out["questions"][-1]["rank"] is None
     assert (n - 2) / n <= metrics["hit_rate@5"] <= (n - 1) / n
     assert 0 < metrics["mrr"] <= metrics["hit_rate@5"]
-    gen = _run("eval", "--index", str(index), "--qa", str(qa), "--k", "2", "--generate", "--model", str(generator_dir),
+    gen = _run("eval", "--index", str(index), "--qa", str(qa), "--k", "2", "--generate", "--answer", "generate", "--model", str(generator_dir),
                "--max-new-tokens", "8", "--device", "cpu", "--json")
     assert {"answer_accuracy", "faithfulness"} <= set(gen["metrics"])
     assert {"answer", "answer_correct", "faithfulness", "unsupported"} <= set(gen["questions"][0])
     assert gen["questions"][-1]["abstained"] is True and gen["questions"][-1]["answer_correct"] is False
+
+
+def test_quoted_answers_need_no_model_and_copy_a_passage_sentence(handbook, tmp_path, monkeypatch):
+    """The default answer quotes: the sentence closest to the question, with its passage number, and no model loaded."""
+    import alignkit.models
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("quoting must not load a language model")
+
+    monkeypatch.setattr(alignkit.models, "load_model", must_not_load)
+    index, _ = handbook
+    out = _run("ask", "--index", str(index), "How long do I have to hand in receipts?", "--json")
+    assert out["answer"] == "Submit receipts through Ledgerly within 30 days of purchase. [1]"
+    assert len(out["citations"]) == 3 and out["citations"][0]["cited"] and out["citations"][0]["source"].endswith("expenses.md")
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "How long do I have to hand in receipts?", "answer": "30 days"}) + "\n"
+                  + json.dumps({"question": "Who pays for my home office furniture?", "answer": "600 euros"}) + "\n")
+    report = _run("eval", "--index", str(index), "--qa", str(qa), "--k", "5", "--generate", "--passages", "1", "--json")
+    assert report["metrics"]["answer_accuracy"] == 1.0 and report["metrics"]["faithfulness"] == 1.0
+    bad = runner.invoke(rag_app, ["ask", "--index", str(index), "q?", "--answer", "guess"])
+    assert bad.exit_code == 2 and "quote, quote-grammar, generate" in bad.output
 
 
 def test_eval_reports_bad_qa_lines(handbook, tmp_path):

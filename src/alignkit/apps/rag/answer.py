@@ -38,12 +38,25 @@ from pathlib import Path
 import yaml
 
 from alignkit.apps.rag.chunk import chunk_budget
-from alignkit.apps.rag.embed import Embedder
+from alignkit.apps.rag.embed import Embedder, load_embedder
 from alignkit.apps.rag.retrieve import Mode, search
 from alignkit.apps.rag.store import Hit, SqliteVecStore
 from alignkit.errors import AlignkitError, ConfigError
 
 PROMPT_FILE = Path(__file__).resolve().parents[2] / "prompts" / "rag_answer.yaml"
+QUOTE_PROMPT_FILE = PROMPT_FILE.with_name("rag_quote.yaml")
+"""The prompt of "quote-grammar" answers (see alignkit.apps.rag.quote)."""
+
+ANSWER_STYLES = ("quote", "quote-grammar", "generate")
+"""How the answer is made from the passages shown:
+  quote          the passage sentence closest to the question (cosine of the index's embeddings),
+                 copied with its citation; extractive, no language model involved
+  quote-grammar  the language model picks the sentence: greedy decoding under a grammar whose only
+                 sentences are the passages' own (alignkit.apps.rag.quote)
+  generate       the language model writes the answer from the prompt of prompts/rag_answer.yaml"""
+DEFAULT_QUOTE_PASSAGES = 3
+"""Passages a quote is chosen from by default (rag ask/eval): on the held-out questions, quoting
+from the best 3 passages beat 1, 2, 4 or 5 (see the README's RAG table)."""
 
 DEFAULT_MIN_SCORE: dict[str, float] = {"dense": 0.30, "hybrid": 0.30, "bm25": 0.0}
 """Relevance threshold per mode (see the module docstring for what is compared and why these values)."""
@@ -283,6 +296,7 @@ def answer_question(
     max_passages: int | None = None,
     server: object | None = None,
     window: int | None = None,
+    style: str = "generate",
 ) -> Answer:
     """Retrieve k passages for `question`; abstain below the relevance threshold, else answer with `model`.
 
@@ -294,10 +308,17 @@ def answer_question(
     with one good passage than with five); retrieval itself still returns k.
     server: an OpenAIBackend to answer instead of `model`; `window` is its context length in tokens
     (default: asked from the server). prompt_tokens is then the byte bound, not a token count.
+    style: one of ANSWER_STYLES. "quote" needs no model (the sentence is chosen by the index's
+    embedder) and shows it every passage untrimmed; "quote-grammar" needs a local model, and its
+    `prompt` defaults to QUOTE_PROMPT_FILE's.
     """
     if not question.strip():
         raise AlignkitError("the question is empty")
-    prompt = prompt or load_prompt()
+    if style not in ANSWER_STYLES:
+        raise AlignkitError(f"unknown answer style {style!r}: choose one of {', '.join(ANSWER_STYLES)}")
+    if style == "quote-grammar" and server is not None:
+        raise AlignkitError("quote-grammar answers need a local model: the grammar runs inside our decoding loop")
+    prompt = prompt or load_prompt(QUOTE_PROMPT_FILE if style == "quote-grammar" else PROMPT_FILE)
     threshold = DEFAULT_MIN_SCORE[mode] if min_score is None else min_score
     store = index if isinstance(index, SqliteVecStore) else SqliteVecStore(index)
     try:
@@ -312,6 +333,12 @@ def answer_question(
     if relevance is None or relevance < threshold:
         result.abstained = True
         result.answer = prompt.abstain.format(score=relevance if relevance is not None else float("nan"), threshold=threshold)
+        return result
+    if style == "quote":
+        from alignkit.apps.rag.quote import closest_sentence
+
+        result.passages = hits[:max_passages]
+        result.answer = closest_sentence(question, result.passages, embedder or load_embedder(store.embedder_name))
         return result
     if model is None and server is None:
         result.passages = hits
@@ -333,5 +360,26 @@ def answer_question(
         question, hits[:max_passages], tokenizer, context_window(model), max_new_tokens, prompt
     )
     result.prompt = render_prompt(tokenizer, messages)
+    if style == "quote-grammar":
+        result.answer = _quote(model, tokenizer, messages, result.passages)
+        return result
     result.answer = generate(model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=0.0).texts[0]
     return result
+
+
+def _quote(model: object, tokenizer: object, messages: list[dict], passages: list[Hit]) -> str:
+    """The passage sentence (and its "[n]") the model picks, decoded under quote_grammar."""
+    from alignkit.apps.rag.quote import quote_candidates, quote_grammar
+    from alignkit.models import generate
+    from alignkit.models.constrained import GrammarLogitsProcessor
+    from alignkit.models.generation import eos_ids
+
+    candidates = quote_candidates(passages)
+    if not candidates:
+        raise AlignkitError("the passages shown have no sentence to quote; try --answer generate")
+    eos = eos_ids(tokenizer, model)
+    processor = GrammarLogitsProcessor(tokenizer, quote_grammar(passages), eos_token_ids=eos)
+    # Room for the longest candidate: the grammar ends the reply, the length only must not cut it.
+    longest = max(len(tokenizer(f"{s} [{n}]", add_special_tokens=False)["input_ids"]) for n, s in candidates)  # type: ignore[operator]
+    return generate(model, tokenizer, [messages], max_new_tokens=longest + 4, temperature=0.0,
+                    logits_processor=processor).texts[0].strip()
