@@ -384,12 +384,13 @@ def eval_models(
 
 def _reward_dir(model: Path) -> Path:
     """Accept a run directory (uses its final/) or a saved reward-model directory."""
-    from alignkit.models.heads import HEAD_FILE
+    from alignkit.models.heads import HEAD_FILE, is_reward_model
+    from alignkit.models.pooled_head import POOLED_HEAD_FILE
 
     for cand in (model, model / "final"):
-        if (cand / HEAD_FILE).is_file():
+        if is_reward_model(cand):
             return cand
-    raise AlignkitError(f"{model}: not a reward model (no {HEAD_FILE} in it or in its final/)")
+    raise AlignkitError(f"{model}: not a reward model (no {HEAD_FILE} or {POOLED_HEAD_FILE} in it or in its final/)")
 
 
 @reward_app.command("score")
@@ -407,11 +408,11 @@ def reward_score(
     Example: alignkit reward score -m runs/rm1 --prompt "Where is my order?" --completion "Not my problem."
     """
     from alignkit.io import read_jsonl, write_jsonl
-    from alignkit.models import ScalarHeadModel
+    from alignkit.models.heads import load_reward_model
 
     if (prompt is None) != (completion is None) or (file is None) == (prompt is None):
         raise AlignkitError("give either --prompt and --completion, or --file")
-    rm, tok = ScalarHeadModel.from_pretrained(_reward_dir(model), device=device)
+    rm, tok = load_reward_model(_reward_dir(model), device=device)
     if file is None:
         print(f"{rm.score_texts(tok, [prompt], [completion])[0]:.6f}")
         return

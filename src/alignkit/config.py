@@ -103,9 +103,22 @@ class RewardData(Strict):
     """Tokens per prompt+completion; longer ones keep their last max_length tokens."""
 
 
+class FrozenBackbone(Strict):
+    layer: int | None = Field(None, ge=1)
+    """The decoder layer whose output is averaged over the reply's tokens; empty: 3/4 of the depth."""
+    weight_decay: float = Field(0.1, ge=0)
+    """L2 penalty on the head's weights (over standardised features)."""
+    max_iterations: int = Field(300, ge=1)
+    """L-BFGS iterations of the head's fit."""
+
+
 class RewardConfig(TrainSettings):
     data: RewardData
     """Training and eval pairs."""
+    frozen: FrozenBackbone | None = None
+    """Train only a linear head on the frozen model's pooled hidden states (features computed once,
+    the head fitted in seconds) instead of the LoRA / full fine-tuning steps; requires lora.enabled:
+    false. The step settings (max_steps, learning_rate, ...) are then not used."""
     center_coef: float = Field(0.0, ge=0)
     """Weight of the reward-centering term mean((r_chosen + r_rejected)^2); 0 turns it off."""
     use_margin: bool = True

@@ -45,10 +45,9 @@ def load_reward(path: Path, device):
     if path.suffix in (".yaml", ".yml"):
         judge = load_judge(path)
         return judge.score, judge.name
-    from alignkit.models import ScalarHeadModel
-    from alignkit.models.heads import HEAD_FILE
+    from alignkit.models.heads import is_reward_model, load_reward_model
 
-    rm_dir = path if (path / HEAD_FILE).is_file() else path / "final"
-    rm, tok = ScalarHeadModel.from_pretrained(rm_dir, device=device)
+    rm_dir = path if is_reward_model(path) else path / "final"
+    rm, tok = load_reward_model(rm_dir, device=device)
     rm.eval()
     return (lambda prompts, completions: rm.score_texts(tok, prompts, completions)), f"reward model {path}"

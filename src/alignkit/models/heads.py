@@ -118,3 +118,19 @@ class ScalarHeadModel(nn.Module):
         head = nn.Linear(state["weight"].shape[1], 1)
         head.load_state_dict(state)
         return cls(causal_lm, head), tokenizer
+
+
+def is_reward_model(path: Path) -> bool:
+    """A directory holding a reward model saved by alignkit: a scalar head, or a frozen backbone's pooled head."""
+    from alignkit.models.pooled_head import is_pooled_head
+
+    return (Path(path) / HEAD_FILE).is_file() or is_pooled_head(path)
+
+
+def load_reward_model(path: Path, *, device: str = "auto"):
+    """(model, tokenizer) of either kind of reward model; both score with `score_texts`."""
+    from alignkit.models.pooled_head import PooledHeadModel, is_pooled_head
+
+    if is_pooled_head(path):
+        return PooledHeadModel.from_pretrained(path, device=device)
+    return ScalarHeadModel.from_pretrained(path, device=device)

@@ -68,7 +68,12 @@ def pair_terms(model, batch: list[dict], pad_id: int, device, center_coef: float
 
 
 def main(cfg: RewardConfig, *, resume: Path | None = None, overwrite: bool = False) -> Path:
-    """Train a reward model; returns the run directory (final/ loads with ScalarHeadModel.from_pretrained)."""
+    """Train a reward model; returns the run directory (final/ loads with ScalarHeadModel.from_pretrained,
+    or with PooledHeadModel.from_pretrained when `frozen` is set: recipes/reward_frozen.py)."""
+    if cfg.frozen is not None:
+        from alignkit.recipes import reward_frozen
+
+        return reward_frozen.main(cfg, resume=resume, overwrite=overwrite)
     # ---- setup ---------------------------------------------------------------------------------
     accelerator = make_accelerator(cfg)
     world, main_proc = accelerator.num_processes, accelerator.is_main_process

@@ -10,7 +10,7 @@ from pydantic import Field
 from alignkit.errors import ModelLoadError
 from alignkit.evaluate.judges.base import ComponentBase, Judge, check_batch
 from alignkit.models import ScalarHeadModel
-from alignkit.models.heads import HEAD_FILE
+from alignkit.models.heads import HEAD_FILE, is_reward_model, load_reward_model
 
 
 class RewardModelJudge:
@@ -30,10 +30,10 @@ class RewardModelJudge:
     def load(cls, path: Path | str, *, device: str = "auto", batch_size: int = 8,
              max_length: int = 512) -> RewardModelJudge:
         path = Path(path)
-        if not (path / HEAD_FILE).is_file():
+        if not is_reward_model(path):
             raise ModelLoadError(f"reward model '{path}': no {HEAD_FILE} there, so it is not "
                                  "a reward model saved by alignkit")
-        model, tokenizer = ScalarHeadModel.from_pretrained(path, device=device)
+        model, tokenizer = load_reward_model(path, device=device)
         return cls(model, tokenizer, batch_size, max_length)
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
