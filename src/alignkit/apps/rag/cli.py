@@ -172,7 +172,8 @@ def ask_cmd(
     index: Path = typer.Option(..., "--index", help="Index file written by `alignkit rag ingest`."),
     k: int = typer.Option(4, "--k", help="Passages to retrieve and put in the prompt (fewer if the context window is full)."),
     passages: Optional[int] = typer.Option(None, "--passages", help=PASSAGES_HELP),
-    answer: str = typer.Option("quote", "--answer", help=ANSWER_HELP),
+    answer: Optional[str] = typer.Option(None, "--answer", help=ANSWER_HELP + " With --base-url the default is "
+                                         "generate: the served model answers."),
     mode: str = typer.Option("hybrid", help=MODE_HELP),
     model: str = typer.Option("embedded", "--model", "-m", help=MODEL_HELP + "; with --base-url, the served "
                               "model's name"),
@@ -189,7 +190,8 @@ def ask_cmd(
     min_score: Optional[float] = typer.Option(None, help=MIN_SCORE_HELP),
     max_new_tokens: int = typer.Option(DEFAULT_ANSWER_TOKENS, help="Answer budget in tokens, reserved in the context window."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt", help="Prompt template YAML (default: the shipped "
-                                                                      "prompts/rag_answer.yaml)."),
+                                                                      "prompts/rag_answer.yaml, or rag_quote.yaml "
+                                                                      "with --answer quote-grammar)."),
     generate: bool = typer.Option(True, help="--no-generate: retrieve and apply the relevance threshold only; no model is loaded."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {\"question\", \"answer\" (null with "
                                  "--no-generate unless abstained), \"abstained\", \"relevance\", \"threshold\", "
@@ -206,6 +208,7 @@ def ask_cmd(
     _check_mode(mode)
     if context_tokens is not None and context_tokens < 1:
         raise typer.BadParameter("must be a positive number of tokens", param_hint="--context-tokens")
+    answer = answer or ("generate" if base_url else "quote")
     passages = _answering(answer, passages)
     prompt = load_prompt(prompt_file or (QUOTE_PROMPT_FILE if answer == "quote-grammar" else PROMPT_FILE))
     loaded, server = (None, None), None
