@@ -58,7 +58,7 @@ demo: $(STAMP)
 	@echo "== 8/8 [$$(date +%T)] evaluate base, GRPO, PPO and DPO on the 120 held-out prompts with the gold labeler"
 	$(BIN)/alignkit eval --models before=embedded,grpo=$(DEMO)/grpo/final,ppo=$(DEMO)/ppo/final,dpo=$(DEMO)/dpo/final \
 		--prompts $(EXAMPLES)/service_heldout.txt --reward $(DEMO)/rm --judge configs/demo/gold_judge.yaml \
-		--tie-margin 0.05 --max-new-tokens 48 --batch-size 40 --restart --out $(DEMO)/report
+		--tie-margin 0.05 --max-new-tokens 48 --batch-size 60 --restart --out $(DEMO)/report
 	@echo "== done [$$(date +%T)]: the table above; the report is $(DEMO)/report/report.md (and report.html)"
 
 test: $(STAMP)
