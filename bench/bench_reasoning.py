@@ -49,6 +49,7 @@ def solve(backend: LocalBackend, method: str, question: str, max_tokens: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="embedded")
+    parser.add_argument("--problems", type=Path, default=PROBLEMS, help="JSONL of {id, question, answer}.")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N problems.")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated, of {', '.join(METHODS)}.")
     parser.add_argument("--max-tokens", type=int, default=160)
@@ -58,7 +59,7 @@ def main() -> None:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown method(s): {', '.join(sorted(unknown))}")
-    problems = [json.loads(line) for line in PROBLEMS.read_text().splitlines() if line.strip()][:args.limit]
+    problems = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()][:args.limit]
     backend = LocalBackend(args.model, device="cpu")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     right = {m: 0 for m in methods}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
-from alignkit.apps.agents.pal import extract_code, run_pal
+from alignkit.apps.agents.pal import extract_code, program_pattern, question_numbers, run_pal
 from alignkit.apps.agents.sandbox import check_available
 
 
@@ -99,6 +100,45 @@ def test_pal_failures_become_clear_messages_and_retries_are_bounded(reply, kind,
     assert [a.error_kind for a in result.attempts] == [kind, kind]
     assert message in result.attempts[0].error and "after 2 attempts" in result.error
     assert len(backend.calls) == 2  # no third call: neither another retry nor the answer sentence
+
+
+@pytest.mark.parametrize("question, numbers", [
+    ("A farmer packs 84 eggs into boxes of 6.", ["84", "6"]),
+    ("Lena buys 4 notebooks at $3 each and 2 pens at $2 each.", ["4", "3", "2", "2"]),  # repeats kept
+    ("Three friends share 1,250 stickers and a quarter of 7.5 kg.", ["3", "1250", "0.25", "7.5"]),
+    ("What is the capital of France?", []),
+])
+def test_question_numbers_in_order(question, numbers):
+    assert question_numbers(question) == numbers
+
+
+def test_program_pattern_binds_every_number_of_the_question_in_order():
+    """Checked with Python's re: the pattern uses only syntax Python and the grammar's Rust regex share."""
+    pattern = re.compile(program_pattern("A farmer packs 84 eggs into boxes of 6. How many boxes?"))
+    assert pattern.fullmatch("eggs = 84\nper_box = 6\nanswer = eggs / per_box\n")
+    assert pattern.fullmatch("eggs = 84\nper_box = 6\n# boxes: eggs shared out\nanswer = eggs / per_box")
+    for wrong in ("eggs = 84\nanswer = eggs / 6",                       # a number not bound
+                  "per_box = 6\neggs = 84\nanswer = eggs / per_box",   # out of order
+                  "eggs = 84\nper_box = 7\nanswer = eggs / per_box",   # a number not in the question
+                  "eggs = 84\nper_box = 6\nprint(eggs / per_box)",     # no answer, a call
+                  "eggs = 84\nper_box = 6\nThe answer is 14."):
+        assert not pattern.fullmatch(wrong), wrong
+    free = re.compile(program_pattern("What is the answer?"))
+    assert free.fullmatch("x = 2 * 3\nanswer = x + 1") and not free.fullmatch("answer = \"14\"")
+
+
+def test_constrained_pal_on_a_random_model_binds_the_question_numbers(tiny_model_dir):
+    """The tiny model has random weights: the bindings are there because the grammar put them there."""
+    require_sandbox()
+    from alignkit.apps.agents.backends import LocalBackend
+
+    backend = LocalBackend(str(tiny_model_dir), device="cpu")
+    result = run_pal(backend, "Sam saves 8 dollars a week for 15 weeks.", constrained=True, max_retries=0,
+                     max_tokens=600, answer_sentence=False)  # room for the longest program the grammar allows
+    code = result.attempts[0].reply
+    lines = code.splitlines()
+    assert re.fullmatch(r"[a-z][a-z0-9_]* = 8", lines[0]) and re.fullmatch(r"[a-z][a-z0-9_]* = 15", lines[1]), code
+    assert lines[-1].startswith("answer ="), code  # the random arithmetic may be blanks, stripped
 
 
 def test_pal_smoke_with_the_embedded_model():
