@@ -48,6 +48,6 @@ def test_stopped_evaluation_continues_to_the_uninterrupted_cache(tmp_path, tiny,
     assert again["other"].texts == gens["other"].texts and again["base"].tokens == gens["base"].tokens
 
     # A finished cache is reused whole: nothing is generated again.
-    monkeypatch.setattr("alignkit.evaluate.completion_cache.generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr("alignkit.evaluate.completion_cache.generate_with_kl", lambda *a, **k: pytest.fail("generated"))
     reused = cache(tmp_path / "full.jsonl")
     assert reused.generate("other", model, tok).texts == gens["other"].texts

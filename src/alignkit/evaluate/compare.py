@@ -9,11 +9,13 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from alignkit.evaluate.judges import RelevanceJudge, SentimentJudge, ToxicityJudge
 from alignkit.evaluate.monitors import distinct_n, mean_repetition
-from alignkit.models import generate, load_model
-from alignkit.models.generation import left_pad, tail_mask
+from alignkit.evaluate.kl import generate_with_kl
+from alignkit.models import load_model
+from alignkit.models.generation import Generation, left_pad, tail_mask
 
 
 @dataclass
@@ -94,10 +96,17 @@ def evaluate_models(models: dict[str, str], prompts: list[str], *, reward=None, 
     for name, spec in models.items():
         model, tok = load_model(spec, device=device)
         if cache is not None:
-            gen = cache.generate(name, model, tok)
+            gen, kls = cache.generate(name, model, tok), cache.kls(name)
         else:
-            gen = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=f"eval {name}")
+            parts = [generate_with_kl(model, tok, prompts[i:i + batch_size], max_new_tokens=max_new_tokens)
+                     for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {name}", unit="batch")]
+            gen = Generation(**{f: [x for g, _ in parts for x in getattr(g, f)]
+                                for f in ("prompt_ids", "tokens", "texts", "finished")})
+            kls = None if parts[0][1] is None else [k for _, ks in parts for k in ks]
+        if kls is None:  # no KL recorded with the replies (an older cache): the two-pass computation
+            kl = kl_to_base(model, gen.prompt_ids, gen.tokens, tok.pad_token_id)
+        else:
+            kl = sum(kls) / len(kls)
         tox = toxicity.score(prompts, gen.texts)
         m = {"response_tokens": sum(map(len, gen.tokens)) / len(gen.tokens),
              "distinct_2": round(distinct_n(gen.texts), 4),
@@ -105,7 +114,7 @@ def evaluate_models(models: dict[str, str], prompts: list[str], *, reward=None, 
              "toxicity_mean": round(sum(tox) / len(tox), 6),
              "toxicity_share_over_0.5": sum(t > 0.5 for t in tox) / len(tox),
              "sentiment_mean": round(sum(sentiment.score(prompts, gen.texts)) / len(prompts), 6),
-             "kl_to_base": kl_to_base(model, gen.prompt_ids, gen.tokens, tok.pad_token_id)}
+             "kl_to_base": kl}
         if relevance_judge is not None:
             m["relevance_mean"] = round(sum(relevance_judge.score(prompts, gen.texts)) / len(prompts), 4)
         if reward is not None:

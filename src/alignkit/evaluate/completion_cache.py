@@ -3,7 +3,7 @@ where it stopped, and a rerun with the same models, prompts and lengths generate
 
 One JSONL file holds every model's completions in the order evaluated (model, then prompt); each
 record carries what the metrics need: the text, the prompt's and the completion's token ids, and
-whether it ended with EOS.
+whether it ended with EOS, and for a fine-tuned model its exact KL to the base (evaluate/kl.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from alignkit.evaluate.kl import generate_with_kl
 from alignkit.io import ResumableJsonl
-from alignkit.models import generate
 from alignkit.models.generation import Generation
 
 
@@ -42,9 +42,10 @@ class CompletionCache:
         for start in tqdm(starts, desc=f"eval {name}", unit="batch", initial=-(-len(have) // self.batch_size),
                           total=-(-n // self.batch_size)):
             batch = self.prompts[start:start + self.batch_size]
-            gen = generate(model, tokenizer, batch, max_new_tokens=self.max_new_tokens)
+            gen, kls = generate_with_kl(model, tokenizer, batch, max_new_tokens=self.max_new_tokens)
             records = [{"model": name, "index": start + i, "prompt": p, "completion": gen.texts[i],
-                        "tokens": gen.tokens[i], "prompt_ids": gen.prompt_ids[i], "finished": gen.finished[i]}
+                        "tokens": gen.tokens[i], "prompt_ids": gen.prompt_ids[i], "finished": gen.finished[i],
+                        **({"kl": kls[i]} if kls is not None else {})}
                        for i, p in enumerate(batch)]
             self.writer.append(records, done=first + start + len(batch))
             self._records += records
@@ -53,3 +54,11 @@ class CompletionCache:
             self.writer.finish()
         return Generation(prompt_ids=[r["prompt_ids"] for r in have], tokens=[r["tokens"] for r in have],
                           texts=[r["completion"] for r in have], finished=[r["finished"] for r in have])
+
+    def kls(self, name: str) -> list[float] | None:
+        """Model `name`'s per-reply KL to its base as recorded with its completions; None when any
+        record lacks one (a model without adapter, or a cache written before KL was recorded)."""
+        n = len(self.prompts)
+        first = self.models.index(name) * n
+        have = self._records[first:first + n]
+        return [r["kl"] for r in have] if len(have) == n and all("kl" in r for r in have) else None
