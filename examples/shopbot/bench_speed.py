@@ -7,9 +7,11 @@ prefix already read reused across steps and requests, forced tokens read in one 
 ended when the grammar is complete. "before": the chat path the ShopBot had when 85 s per request
 was measured: `alignkit.models.generate` over the whole prompt at every step (no reuse), all
 `max_tokens` decoded, then cut at "Observation:" (text protocol, no grammar); it runs on today's
-rollout engine, so it is if anything faster than it was then. Both use the same loaded weights
-and answer the same held-out requests against the same services, alternating which goes first.
-Prints seconds per request, the ratio, and task success of each; writes --out (JSON).
+rollout engine. "original": the same, decoded as it was then: transformers' `generate` on the
+peft model (LoRA layers not merged), greedy, stopped at EOS. All use the same loaded weights and
+answer the same held-out requests against the same services, in an order that rotates from one
+request to the next. Prints seconds per request, the ratios, and task success of each; writes
+--out (JSON).
 """
 
 from __future__ import annotations
@@ -43,6 +45,25 @@ class WholePromptBackend:
         return cut_at_stop(out.texts[0], stop).strip()
 
 
+class OriginalBackend(WholePromptBackend):
+    """As `WholePromptBackend`, decoded by transformers' generate on the unmerged peft model (the code of then)."""
+
+    def chat(self, messages: list[dict], *, max_tokens: int, temperature: float, stop=None) -> str:
+        import torch
+        from transformers import GenerationConfig
+
+        from alignkit.models.generation import eos_ids, render_prompt
+
+        ids = self.tokenizer(render_prompt(self.tokenizer, messages), add_special_tokens=False,
+                             return_tensors="pt")["input_ids"]
+        eos = eos_ids(self.tokenizer, self.model)
+        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return cut_at_stop(text, stop).strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="Default: as the demo chooses (app.choose_model).")
@@ -55,18 +76,22 @@ def main(argv: list[str] | None = None) -> None:
     requests = read_requests(args.requests)[:args.limit]
     spec = args.model or choose_model()[0]
     now = LocalBackend(spec, device="cpu")
-    backends = {"now": now, "before": WholePromptBackend(now.model, now.tokenizer)}
-    runs: dict[str, list[dict]] = {"now": [], "before": []}
+    backends = {"now": now, "before": WholePromptBackend(now.model, now.tokenizer),
+                "original": OriginalBackend(now.model, now.tokenizer)}
+    modes = list(backends)
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as workdir, ShopServices.start(Path(workdir), seed) as services:
         for i, request in enumerate(tqdm(requests, desc="requests")):
-            for mode in (("now", "before") if i % 2 == 0 else ("before", "now")):
+            for mode in modes[i % 3:] + modes[:i % 3]:
                 runs[mode].append(run_request(backends[mode], request, services, seed, prompt))
     results = {mode: summary(r) for mode, r in runs.items()}
     for mode, r in results.items():
         print(line(f"{spec} ({mode})", r))
-    ratio = results["before"]["seconds_per_request"] / max(results["now"]["seconds_per_request"], 1e-9)
-    print(f"before / now: {ratio:.2f}x the seconds per request (same run, same weights, same requests)")
-    atomic_write_text(args.out, json.dumps({"model": spec, "ratio": round(ratio, 2), **results}, indent=1) + "\n")
+    now_s = max(results["now"]["seconds_per_request"], 1e-9)
+    ratios = {mode: round(results[mode]["seconds_per_request"] / now_s, 2) for mode in modes[1:]}
+    print("seconds per request against now (same run, same weights, same requests): "
+          + ", ".join(f"{mode} {ratio:.2f}x" for mode, ratio in ratios.items()))
+    atomic_write_text(args.out, json.dumps({"model": spec, "ratios": ratios, **results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
