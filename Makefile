@@ -42,12 +42,12 @@ demo: $(STAMP)
 	$(BIN)/python -m alignkit.data.service_prompts --check
 	mkdir -p $(DEMO) && head -n 96 $(EXAMPLES)/service_train.txt > $(DEMO)/label_prompts.txt
 	@echo "== 2/8 [$$(date +%T)] sample 4 replies to each of 96 training prompts"
-	$(BIN)/alignkit prefs sample --prompts $(DEMO)/label_prompts.txt --n 4 --max-new-tokens 48 --batch-size 64 \
+	$(BIN)/alignkit prefs sample --prompts $(DEMO)/label_prompts.txt --n 4 --max-new-tokens 48 --batch-size 32 \
 		--out $(DEMO)/candidates.jsonl
 	@echo "== 3/8 [$$(date +%T)] the gold labeler scores them; pairs that differ by at least one rubric criterion"
 	$(BIN)/alignkit prefs judge --candidates $(DEMO)/candidates.jsonl --judge configs/demo/gold_judge.yaml \
 		--format pairs --min-margin 0.15 --out $(DEMO)/pairs.jsonl
-	@echo "== 4/8 [$$(date +%T)] reward model (the proxy) on the pairs: a linear head on the frozen model's pooled features; 10% of the prompts held out"
+	@echo "== 4/8 [$$(date +%T)] reward model (the proxy) on the pairs, 10% of the prompts held out"
 	$(BIN)/alignkit train reward --config configs/demo/reward.yaml --overwrite
 	@echo "== 5/8 [$$(date +%T)] GRPO with LoRA against the reward model; the gold labeler watches a held-out probe"
 	$(BIN)/alignkit train grpo --config configs/demo/grpo.yaml --overwrite
