@@ -118,7 +118,8 @@ class RewardConfig(TrainSettings):
     frozen: FrozenBackbone | None = None
     """Train only a linear head on the frozen model's pooled hidden states (features computed once,
     the head fitted in seconds) instead of the LoRA / full fine-tuning steps; requires lora.enabled:
-    false. The step settings (max_steps, learning_rate, ...) are then not used."""
+    false. The step settings (max_steps, learning_rate, ...) are then not used. It may rank pairs
+    well and still be easy for RL to push along its one direction: probe the gold score (README)."""
     center_coef: float = Field(0.0, ge=0)
     """Weight of the reward-centering term mean((r_chosen + r_rejected)^2); 0 turns it off."""
     use_margin: bool = True
