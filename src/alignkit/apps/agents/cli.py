@@ -68,8 +68,9 @@ def pal(
     api_key_env: str = typer.Option("OPENAI_API_KEY", help=API_KEY_ENV_HELP),
     max_retries: int = typer.Option(2, help="How many times a failed program (no code, syntax error, "
                                     "exception, timeout, no `answer`) goes back to the model with the error."),
-    constrained: bool = typer.Option(False, "--constrained", help="Decode the program under a grammar "
-                                     "(comments, arithmetic assignments, a last `answer = ...` line); local models only."),
+    constrained: bool = typer.Option(False, "--constrained", help="Decode the program under a grammar built "
+                                     "from the question: one `name = <number>` line per number in the question, in "
+                                     "order, then `answer = ...`; local models only."),
     timeout: float = typer.Option(5.0, help="Wall-clock limit per program run, in seconds."),
     max_tokens: int = typer.Option(256, help="Most tokens per model reply."),
     temperature: float = typer.Option(0.0, help="0 for greedy decoding; >0 samples."),
