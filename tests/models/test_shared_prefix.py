@@ -8,7 +8,7 @@ import torch
 from alignkit.models import ScalarHeadModel, load_model
 from alignkit.models.generation import left_pad, tail_mask
 from alignkit.models.lora import attach_lora
-from alignkit.models.shared_prefix import common_prefix_length, forward_shared, split_shared_prefix
+from alignkit.models.shared_prefix import forward_shared, split_shared_prefix
 from alignkit.online import Rollout, rollout_logprobs, tail_logprobs
 
 
@@ -47,12 +47,6 @@ def assert_same_grads(a, b):
     assert a and a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
-
-
-def test_common_prefix_length():
-    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
-    assert common_prefix_length([[1, 2, 3]]) == 3
-    assert common_prefix_length([[5, 2], [1, 2]]) == 0
 
 
 def test_split_is_none_when_nothing_is_shared():

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.models.generation import left_pad
+from alignkit.models.rollout import common_prefix_length
 
 
 @dataclass
@@ -37,15 +38,6 @@ class PrefixSplit:
         used, row_group = torch.unique(self.row_group[rows], return_inverse=True)
         return PrefixSplit(self.prefix_ids[used], self.prefix_mask[used], self.prefix_len[used], row_group,
                            self.tail_ids[rows], self.tail_mask[rows], self.tail_pos[rows])
-
-
-def common_prefix_length(rows: list[list[int]]) -> int:
-    n = min(map(len, rows))
-    first = rows[0]
-    for i in range(n):
-        if any(r[i] != first[i] for r in rows[1:]):
-            return i
-    return n
 
 
 def split_shared_prefix(rows: list[list[int]], groups: list, need_from: list[int], pad_id: int, device,
