@@ -42,7 +42,7 @@ demo: $(STAMP)
 	$(BIN)/python -m alignkit.data.service_prompts --check
 	mkdir -p $(DEMO) && head -n 96 $(EXAMPLES)/service_train.txt > $(DEMO)/label_prompts.txt
 	@echo "== 2/8 [$$(date +%T)] sample 4 replies to each of 96 training prompts"
-	$(BIN)/alignkit prefs sample --prompts $(DEMO)/label_prompts.txt --n 4 --max-new-tokens 48 --batch-size 32 \
+	$(BIN)/alignkit prefs sample --prompts $(DEMO)/label_prompts.txt --n 4 --max-new-tokens 48 --batch-size 64 \
 		--out $(DEMO)/candidates.jsonl
 	@echo "== 3/8 [$$(date +%T)] the gold labeler scores them; pairs that differ by at least one rubric criterion"
 	$(BIN)/alignkit prefs judge --candidates $(DEMO)/candidates.jsonl --judge configs/demo/gold_judge.yaml \

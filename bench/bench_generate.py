@@ -11,6 +11,8 @@ path's own `min_new_tokens`, no logits processor), the same prompts for every pa
   (s) with --static-loop: the peer of (c), a bare loop of forward passes over transformers' StaticCache
       with logits_to_keep=1 and `torch.multinomial` (no hooks, no per-row seeds, no compaction)
   (d) with --continuous-batching: transformers' `generate_batch` (paged cache) on the merged weights
+  (f) with --linear: the engine with plain `F.linear` everywhere (`models/cpu_linear.py` off), and
+      before the table each projection shape of the model at 1..256 rows, `F.linear` vs rows-first
   (q) with --int8: the engine on the merged weights quantized int8 weight-only by torchao (for
       `generate`/`serve`, not for RL sampling, where the sampler must be the policy itself)
 Machine limits, measured here: memory copy GB/s -> weight-read tokens/s (batch x bandwidth / weight
@@ -51,6 +53,42 @@ def machine_limits(repeats: int) -> tuple[float, float]:
     return src.numel() * 4 / copy_s / 1e9, 2 * 2048**3 / mm_s / 1e9
 
 
+def plain_linears(run):
+    """`run` with the engine's rows-first linears switched off (every projection through F.linear)."""
+    from alignkit.models import cpu_linear
+
+    def wrapped():
+        cpu_linear.ENABLED = False
+        try:
+            run()
+        finally:
+            cpu_linear.ENABLED = True
+    return wrapped
+
+
+def linear_shapes(model, repeats: int) -> None:
+    """Milliseconds per product for each distinct (in, out) projection of `model`, x W^T by F.linear
+    against (W x^T)^T, at several row counts (a decode step has one row per sequence)."""
+    import torch
+    import torch.nn.functional as F
+
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    rows = [1, 4, 8, 16, 32, 64, 128, 256]
+    print("## One projection, ms per product: F.linear / rows-first (ratio)")
+    print(f"{'out x in':>14} " + " ".join(f"{r:>20}" for r in rows))
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f)
+        cells = []
+        for r in rows:
+            x = torch.randn(r, in_f)
+            n = max(3, int(2e8 / (out_f * in_f * max(r, 8))))
+            a = best_time(lambda: [F.linear(x, w) for _ in range(n)], repeats + 1) / n * 1e3
+            b = best_time(lambda: [torch.mm(w, x.t()).t() for _ in range(n)], repeats + 1) / n * 1e3
+            cells.append(f"{a:7.3f}/{b:7.3f} ({a / b:4.2f})")
+        print(f"{out_f:>6} x {in_f:<5} " + " ".join(f"{c:>20}" for c in cells), flush=True)
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -61,6 +99,8 @@ def main() -> None:
     ap.add_argument("--continuous-batching", action="store_true", help="also time transformers' generate_batch")
     ap.add_argument("--static-loop", action="store_true", help="also time a bare static-cache forward loop")
     ap.add_argument("--int8", action="store_true", help="also time the engine on int8 weight-only weights")
+    ap.add_argument("--linear", action="store_true",
+                    help="also time the engine without rows-first linears, and each projection shape alone")
     args = ap.parse_args()
     if args.quick:
         args.batches, args.new_tokens = "1,32", 16
@@ -87,6 +127,8 @@ def main() -> None:
     print(f"matmul {gflops:.0f} GFLOP/s; {flop_per_token / 1e9:.2f} GFLOP per token -> "
           f"{gflops * 1e9 / flop_per_token:.0f} tokens/s\n")
 
+    if args.linear:
+        linear_shapes(base, args.repeats)
     policy = attach_lora(base, r=8, alpha=16, dropout=0.0).eval()  # as the PPO recipe's policy
     merged, _ = load_model("embedded", device="cpu")
     merged = merge_lora(attach_lora(merged, r=8, alpha=16, dropout=0.0)).eval()
@@ -152,6 +194,8 @@ def main() -> None:
         names["s"] = "(s) static loop"
     if args.continuous_batching:
         names["d"] = "(d) gen_batch"
+    if args.linear:
+        names["f"] = "(f) F.linear"
     if args.int8:
         names["q"] = "(q) engine int8"
     header = f"{'batch':>5} {'limit':>7} " + " ".join(f"{v:>16}" for v in names.values())
@@ -169,6 +213,8 @@ def main() -> None:
             runs["s"] = static_loop(ids, mask)
         if args.continuous_batching:
             runs["d"] = cb(prompt_ids)
+        if args.linear:
+            runs["f"] = plain_linears(eng(prompts))
         if args.int8:
             runs["q"] = eng(prompts, int8_engine)
         rate = {k: batch * n / best_time(fn, args.repeats) for k, fn in runs.items()}

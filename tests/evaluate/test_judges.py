@@ -10,7 +10,7 @@ from alignkit.data.prefs import encode_response
 from alignkit.errors import ConfigError
 from alignkit.evaluate.judges import (
     Categories, ClassifierJudge, Component, ComposedJudge, JudgeConfig, LLMPairwiseJudge, LLMRatingJudge,
-    RewardModelJudge, SentimentJudge, ToxicityJudge, build_judge, load_judge, win_rates,
+    RepetitionJudge, RewardModelJudge, SentimentJudge, ToxicityJudge, build_judge, load_judge, win_rates,
 )
 from alignkit.models import ScalarHeadModel, load_model, render_prompt
 
@@ -189,6 +189,19 @@ def test_scalar_and_categorical_toxicity_from_config():
                                    "categories": {"labels": ["safe", "borderline", "toxic"],
                                                   "thresholds": [0.3, 0.7]}})
     assert [s.category for s in categorical.score_detailed(["q", "q"], [INSULT, KIND])] == ["toxic", "safe"]
+
+
+def test_repetition_penalty_beside_a_score_from_config():
+    """"I am here to help you. I am here to help you." is 12 words: 10 word 3-grams, of which 6 are
+    distinct ("i am here" .. "help you i", "you i am"), so 4/10 repeat an earlier one; its 11 2-grams
+    have 6 distinct, 5/11 repeat. With weight -2 beside a constant 1 the total is 1 - 2 * repetition;
+    a reply with no repeated n-gram keeps its 1."""
+    looping = "I am here to help you. I am here to help you."
+    judge = load_judge(base={"components": [{"judge": "repetition", "weight": -2.0}]})
+    assert judge.score(["q", "q"], [looping, "Your refund is on its way today."]) == pytest.approx([-2 * 4 / 10, 0.0])
+    composed = ComposedJudge([Component("proxy", FixedJudge("p", [1.0, 1.0]), 1.0),
+                              Component("repetition", RepetitionJudge(n=2), -2.0)])
+    assert composed.score(["q", "q"], [looping, "fine"]) == pytest.approx([1 - 2 * 5 / 11, 1.0])
 
 
 def test_pairwise_component_scores_win_rates_within_groups(tiny):

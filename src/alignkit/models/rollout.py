@@ -2,7 +2,8 @@
 
 Every generation in alignkit runs here (RL rollouts, `prefs sample`, `eval`, `generate`, `chat`,
 agents, RAG): a forward loop over transformers' `StaticCache` (no per-token growth of the cache),
-the LM head on the last position only, finished rows dropped from the batch, and a sampler that
+the LM head on the last position only, finished rows dropped from the batch, decode-sized matrix
+products in the orientation the CPU runs fastest (`alignkit.models.cpu_linear`), and a sampler that
 draws each row from its own seed (`alignkit.models.sampling`), so a row's tokens do not depend on
 which rows share its batch.
 
@@ -19,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from alignkit.models.cpu_linear import rows_first_linears
 from alignkit.models.generation import Generation, Prompt, eos_ids, left_pad, render_prompt
 from alignkit.models.sampling import row_seeds, sample, uniforms
 
@@ -188,15 +190,16 @@ class RolloutEngine:
         from tqdm.auto import tqdm
 
         lps: dict[int, torch.Tensor] = {}
-        for start in tqdm(range(0, len(order), size), desc=progress, unit="batch", disable=progress is None):
-            rows = order[start:start + size]
-            tokens, finished, logprobs = self._decode(
-                [prompt_ids[r] for r in rows], seeds[rows], max_new_tokens, temperature, top_p, top_k,
-                return_logprobs, streamer, logits_processor, on_step, min_new_tokens)
-            for i, r in enumerate(rows):
-                out.tokens[r], out.finished[r] = tokens[i], finished[i]
-                if return_logprobs:
-                    lps[r] = logprobs[i]
+        with rows_first_linears(self.model):  # decode-sized products in the CPU's faster orientation
+            for start in tqdm(range(0, len(order), size), desc=progress, unit="batch", disable=progress is None):
+                rows = order[start:start + size]
+                tokens, finished, logprobs = self._decode(
+                    [prompt_ids[r] for r in rows], seeds[rows], max_new_tokens, temperature, top_p, top_k,
+                    return_logprobs, streamer, logits_processor, on_step, min_new_tokens)
+                for i, r in enumerate(rows):
+                    out.tokens[r], out.finished[r] = tokens[i], finished[i]
+                    if return_logprobs:
+                        lps[r] = logprobs[i]
         out.texts = [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in out.tokens]
         if return_logprobs:
             out.logprobs = [lps[r] for r in range(len(prompt_ids))]

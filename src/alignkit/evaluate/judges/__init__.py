@@ -10,6 +10,8 @@ module of this package, with its config schema beside it:
   llm         a language model asked a principle, read from its log-likelihoods: a 1..5 rating, or
               (pairwise) the probability that one completion is better than another
   relevance   cosine similarity of prompt and completion under a sentence-embedding model (MiniLM)
+  repetition  the share of the completion's word n-grams that repeat an earlier one of it, 0..1 (with
+              a negative weight: a repetition penalty beside a reward model)
   rubric      rule-based criteria (phrases present or absent, details of the prompt repeated, a
               length range), each passed or failed: the weighted share passed, 0..1
 
@@ -29,6 +31,7 @@ from alignkit.evaluate.judges.llm import (
     load_choice_prompt, option_logprobs, win_rates,
 )
 from alignkit.evaluate.judges.relevance import RelevanceComponent, RelevanceJudge
+from alignkit.evaluate.judges.repetition import RepetitionComponent, RepetitionJudge
 from alignkit.evaluate.judges.reward import RewardComponent, RewardModelJudge
 from alignkit.evaluate.judges.rubric import Criterion, RubricComponent, RubricJudge
 from alignkit.evaluate.judges.sentiment import SentimentComponent, SentimentJudge
@@ -38,7 +41,7 @@ __all__ = [
     "Categories", "ChoicePrompt", "ClassifierComponent", "ClassifierJudge", "Component", "ComponentBase",
     "ComponentConfig", "ComposedJudge", "Criterion", "Judge", "JudgeConfig", "LLMComponent",
     "LLMPairwiseJudge", "LLMRatingJudge", "LLM_JUDGE_FILE", "PRINCIPLES_FILE", "PROMPTS_DIR",
-    "RelevanceComponent", "RelevanceJudge", "RewardComponent", "RewardModelJudge", "RubricComponent",
+    "RelevanceComponent", "RelevanceJudge", "RepetitionComponent", "RepetitionJudge", "RewardComponent", "RewardModelJudge", "RubricComponent",
     "RubricJudge", "Scored", "SentimentComponent", "SentimentJudge", "ToxicityComponent", "ToxicityJudge",
     "build_judge", "check_batch", "load_choice_prompt", "load_judge", "option_logprobs", "pad_id",
     "right_pad", "win_rates",

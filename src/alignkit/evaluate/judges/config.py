@@ -13,6 +13,7 @@ from alignkit.evaluate.judges.classifier import ClassifierComponent
 from alignkit.evaluate.judges.compose import Categories, Component, ComposedJudge
 from alignkit.evaluate.judges.llm import LLMComponent
 from alignkit.evaluate.judges.relevance import RelevanceComponent
+from alignkit.evaluate.judges.repetition import RepetitionComponent
 from alignkit.evaluate.judges.reward import RewardComponent
 from alignkit.evaluate.judges.rubric import RubricComponent
 from alignkit.evaluate.judges.sentiment import SentimentComponent
@@ -20,7 +21,7 @@ from alignkit.evaluate.judges.toxicity import ToxicityComponent
 
 ComponentConfig = Annotated[
     ToxicityComponent | SentimentComponent | RewardComponent | ClassifierComponent | LLMComponent
-    | RubricComponent | RelevanceComponent,
+    | RubricComponent | RelevanceComponent | RepetitionComponent,
     Field(discriminator="judge"),
 ]
 
