@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -254,6 +255,27 @@ def test_tools_are_loaded_from_a_module_file_and_from_builtin_names(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(AlignkitError, match="defines no tools"):
         load_tools(str(empty))
+
+
+def test_a_dotted_tools_module_is_found_in_the_working_directory(tmp_path, monkeypatch):
+    """As `python -m` does: `--tools pkg.mod` from the directory that holds pkg, though the console
+    script's sys.path does not hold that directory; sys.path is as before afterwards."""
+    package = tmp_path / "cwd_tools_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mod.py").write_text(
+        "from alignkit.apps.agents.tools import tool\n\n"
+        "@tool\n"
+        "def stock(item: str) -> int:\n"
+        "    '''Units in stock.\n\n    Args:\n        item: The item.\n    '''\n"
+        "    return 3\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    monkeypatch.chdir(tmp_path)
+    assert [t.name for t in load_tools("cwd_tools_pkg.mod")] == ["stock"]
+    assert sys.path == before
+    with pytest.raises(AlignkitError, match="no module named 'cwd_tools_pkg_absent' here or on the Python path"):
+        load_tools("cwd_tools_pkg_absent.mod")
 
 
 class ScriptedChatServer(BaseHTTPRequestHandler):

@@ -49,13 +49,22 @@ def _module_tools(source: str) -> list[Tool]:
             raise AlignkitError(f"--tools {source}: this file is part of a package (it imports its neighbours "
                                 f"with 'from .'); give it as a module: --tools {dotted}") from None
     else:
+        # As `python -m` does, look in the working directory too: the console script's sys.path does not
+        # hold it, so `--tools examples.shopbot.tools` from the repository root would not be found.
+        cwd = str(Path.cwd())
+        added = cwd not in sys.path and "" not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
         try:
             module = importlib.import_module(source)
         except ModuleNotFoundError as e:
             if e.name and source.startswith(e.name):  # the module itself is missing, not one it imports
-                raise AlignkitError(f"--tools {source}: no module named {e.name!r}; give \"builtin\", a tool "
-                                    "name, a .py file or an importable module") from None
+                raise AlignkitError(f"--tools {source}: no module named {e.name!r} here or on the Python path; "
+                                    "give \"builtin\", a tool name, a .py file or an importable module") from None
             raise
+        finally:
+            if added:
+                sys.path.remove(cwd)
     tools = [value for value in vars(module).values() if isinstance(value, Tool)]
     if not tools and callable(getattr(module, "make_tools", None)):
         raise AlignkitError(f"--tools {source}: defines no ready tools; its make_tools() builds them per "
