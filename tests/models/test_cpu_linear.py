@@ -25,6 +25,13 @@ def test_only_plain_linears_inside_the_block_are_patched():
     class Sub(torch.nn.Linear):
         pass
 
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantized = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    quantize_(quantized, Int8WeightOnlyConfig())  # a tensor-subclass weight: torch.mm would not run on it
+    with rows_first_linears(quantized):
+        assert "forward" not in quantized[0].__dict__
+        quantized(torch.randn(20, 64))
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), Sub(4, 4))
     calls = []
     original = cpu_linear.rows_first_linear

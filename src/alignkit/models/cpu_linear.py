@@ -38,11 +38,12 @@ def rows_first_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def rows_first_linears(model: torch.nn.Module):
     """Within the block, every plain nn.Linear of `model` computes through `rows_first_linear`;
-    afterwards the modules are as they were. Subclasses (LoRA layers, quantized linears) are left alone."""
+    afterwards the modules are as they were. Subclasses (LoRA layers) and weights that are not plain
+    tensors (torchao's quantized weights) are left alone."""
     patched = []
     if ENABLED and next(model.parameters()).device.type == "cpu":
         for m in model.modules():
-            if type(m) is torch.nn.Linear and "forward" not in m.__dict__:
+            if type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor and "forward" not in m.__dict__:
                 m.forward = rows_first_linear.__get__(m)
                 patched.append(m)
     try:
