@@ -12,7 +12,8 @@ path's own `min_new_tokens`, no logits processor), the same prompts for every pa
       with logits_to_keep=1 and `torch.multinomial` (no hooks, no per-row seeds, no compaction)
   (d) with --continuous-batching: transformers' `generate_batch` (paged cache) on the merged weights
   (f) with --linear: the engine with plain `F.linear` everywhere (`models/cpu_linear.py` off), and
-      before the table each projection shape of the model at 1..256 rows, `F.linear` vs rows-first
+      before the table each projection shape of the model at 1..256 rows: `F.linear`, rows-first
+      ((W x^T)^T, what the engine uses) and oneDNN on a pre-packed weight (measured, not used: README)
   (q) with --int8: the engine on the merged weights quantized int8 weight-only by torchao (for
       `generate`/`serve`, not for RL sampling, where the sampler must be the policy itself)
 Machine limits, measured here: memory copy GB/s -> weight-read tokens/s (batch x bandwidth / weight
@@ -67,25 +68,29 @@ def plain_linears(run):
 
 
 def linear_shapes(model, repeats: int) -> None:
-    """Milliseconds per product for each distinct (in, out) projection of `model`, x W^T by F.linear
-    against (W x^T)^T, at several row counts (a decode step has one row per sequence)."""
+    """Milliseconds per product for each distinct (in, out) projection of `model`: x W^T by F.linear,
+    as (W x^T)^T, and by oneDNN on the packed weight, at several row counts (a decode step has one
+    row per sequence)."""
     import torch
     import torch.nn.functional as F
 
     shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
     rows = [1, 4, 8, 16, 32, 64, 128, 256]
-    print("## One projection, ms per product: F.linear / rows-first (ratio)")
-    print(f"{'out x in':>14} " + " ".join(f"{r:>20}" for r in rows))
+    print("## One projection, ms per product: F.linear / rows-first / oneDNN packed (F.linear over oneDNN)")
+    print(f"{'out x in':>14} " + " ".join(f"{r:>28}" for r in rows))
     for out_f, in_f in shapes:
         w = torch.randn(out_f, in_f)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
         cells = []
         for r in rows:
             x = torch.randn(r, in_f)
             n = max(3, int(2e8 / (out_f * in_f * max(r, 8))))
             a = best_time(lambda: [F.linear(x, w) for _ in range(n)], repeats + 1) / n * 1e3
             b = best_time(lambda: [torch.mm(w, x.t()).t() for _ in range(n)], repeats + 1) / n * 1e3
-            cells.append(f"{a:7.3f}/{b:7.3f} ({a / b:4.2f})")
-        print(f"{out_f:>6} x {in_f:<5} " + " ".join(f"{c:>20}" for c in cells), flush=True)
+            c = best_time(lambda: [torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                                   for _ in range(n)], repeats + 1) / n * 1e3
+            cells.append(f"{a:6.3f}/{b:6.3f}/{c:6.3f} ({a / c:4.2f})")
+        print(f"{out_f:>6} x {in_f:<5} " + " ".join(f"{c:>28}" for c in cells), flush=True)
     print()
 
 
