@@ -1,13 +1,14 @@
-"""Decode-step matrix multiplies in the orientation this CPU's BLAS runs fastest.
+"""Decode-step matrix multiplies in the orientation this CPU's BLAS runs faster.
 
 A decode step multiplies a few rows (one per sequence) by every weight matrix: y = x W^T with x of
-(rows, in) and W of (out, in). For 8 to a few hundred rows, MKL computes (W x^T)^T, the same
-product with the weight as the tall left operand, markedly faster than `F.linear`'s x W^T on this
-project's 2-core AVX2 machine (measured with `bench/bench_generate.py --linear`): the LM head
-(49152 x 576) at 8 rows 18.6 -> 9.4 ms, at 32 rows 28.5 -> 19.2 ms; a 576 -> 1536 projection at 32
-rows 0.69 -> 0.49 ms. Under 8 rows (batch-1 chat) and for prefill-sized inputs it is not faster, so
-those keep `F.linear`. The result is the same product summed in another order: equal up to float
-rounding, like any change of BLAS kernel.
+(rows, in) and W of (out, in). MKL computes the same product as (W x^T)^T, with the weight as the
+tall left operand, faster than `F.linear`'s x W^T on this project's 2-core AVX2 machine for some
+row counts (`bench/bench_generate.py --linear`): the 49152 x 576 LM head 2.3x at 4 rows, 1.45x at
+32 (28.5 -> 19.2 ms at 32 rows); the 576 <-> 1536 projections 1.1-1.3x at 16-64 rows. Below 16 rows
+the projections are slower that way (0.76-0.87x at 8 rows), and prefill-sized inputs gain nothing,
+so a projection takes (W x^T)^T from 16 to 512 rows and a vocabulary-sized head (8192 outputs or
+more) from 2 rows; everything else keeps `F.linear`. The result is the same product summed in
+another order: equal up to float rounding, like any change of BLAS kernel.
 """
 
 from __future__ import annotations

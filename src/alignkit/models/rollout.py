@@ -3,7 +3,7 @@
 Every generation in alignkit runs here (RL rollouts, `prefs sample`, `eval`, `generate`, `chat`,
 agents, RAG): a forward loop over transformers' `StaticCache` (no per-token growth of the cache),
 the LM head on the last position only, finished rows dropped from the batch, decode-sized matrix
-products in the orientation the CPU runs fastest (`alignkit.models.cpu_linear`), and a sampler that
+products in the orientation the CPU runs faster (`alignkit.models.cpu_linear`), and a sampler that
 draws each row from its own seed (`alignkit.models.sampling`), so a row's tokens do not depend on
 which rows share its batch.
 

@@ -41,8 +41,9 @@ __all__ = [
     "Categories", "ChoicePrompt", "ClassifierComponent", "ClassifierJudge", "Component", "ComponentBase",
     "ComponentConfig", "ComposedJudge", "Criterion", "Judge", "JudgeConfig", "LLMComponent",
     "LLMPairwiseJudge", "LLMRatingJudge", "LLM_JUDGE_FILE", "PRINCIPLES_FILE", "PROMPTS_DIR",
-    "RelevanceComponent", "RelevanceJudge", "RepetitionComponent", "RepetitionJudge", "RewardComponent", "RewardModelJudge", "RubricComponent",
-    "RubricJudge", "Scored", "SentimentComponent", "SentimentJudge", "ToxicityComponent", "ToxicityJudge",
+    "RelevanceComponent", "RelevanceJudge", "RepetitionComponent", "RepetitionJudge", "RewardComponent",
+    "RewardModelJudge", "RubricComponent", "RubricJudge", "Scored", "SentimentComponent", "SentimentJudge",
+    "ToxicityComponent", "ToxicityJudge",
     "build_judge", "check_batch", "load_choice_prompt", "load_judge", "option_logprobs", "pad_id",
     "right_pad", "win_rates",
 ]
