@@ -55,3 +55,21 @@ def peaky_model_dir(tmp_path_factory, tiny_model_dir):
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture()
+def reward_config(tmp_path, tiny_model_dir, pair_files):
+    """make(recipe_keys, **overrides) -> RewardConfig on the tiny model and the synthetic pair files,
+    written to YAML and loaded back as a user's config file is."""
+    import yaml
+
+    from alignkit.config import RewardConfig, load_config
+
+    def make(recipe: dict, **over):
+        train, held = pair_files
+        cfg = {"model": str(tiny_model_dir), "data": {"train": str(train), "eval": str(held), "max_length": 64},
+               "output_dir": str(tmp_path / "runs"), "device": "cpu", "seed": 0, **recipe, **over}
+        path = tmp_path / "reward.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return load_config(RewardConfig, path)
+    return make

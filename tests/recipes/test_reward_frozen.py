@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-import yaml
 
-from alignkit.config import RewardConfig, load_config
+from alignkit.config import RewardConfig
 from alignkit.errors import AlignkitError
 from alignkit.evaluate.rewards import load_reward
 from alignkit.models import load_model
@@ -15,18 +14,11 @@ from alignkit.models.pooled_head import PooledHeadModel, truncate
 from alignkit.recipes import reward, reward_frozen
 
 
-def config(tmp_path, model_dir, train, held, **over):
-    cfg = {"model": str(model_dir), "data": {"train": str(train), "eval": str(held), "max_length": 64},
-           "output_dir": str(tmp_path / "runs"), "lora": {"enabled": False}, "frozen": {"layer": 2},
-           "device": "cpu", "seed": 0}
-    cfg.update(over)
-    path = tmp_path / "reward.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_config(RewardConfig, path)
+FROZEN = {"lora": {"enabled": False}, "frozen": {"layer": 2}}  # the keys of a frozen-backbone run
 
 
-def test_frozen_head_learns_a_held_out_preference_and_loads_back(tmp_path, tiny_model_dir, pair_files):
-    run_dir = reward.main(config(tmp_path, tiny_model_dir, *pair_files, run_name="rm"))
+def test_frozen_head_learns_a_held_out_preference_and_loads_back(tiny_model_dir, pair_files, reward_config):
+    run_dir = reward.main(reward_config(FROZEN, run_name="rm"))
     (record,) = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert record["eval_accuracy"] >= 0.9, record
     assert record["accuracy"] >= record["eval_accuracy"] - 0.1
@@ -71,9 +63,9 @@ def test_fit_head_folds_the_standardisation_and_centres_the_rewards():
     assert ((good @ w) > (bad @ w)).float().mean() >= 0.75  # 0.92 expected: the shift is 2, the pair noise sd 1.4
 
 
-def test_frozen_with_lora_enabled_is_refused(tmp_path, tiny_model_dir, pair_files):
+def test_frozen_with_lora_enabled_is_refused(reward_config):
     with pytest.raises(AlignkitError, match="set lora.enabled: false"):
-        reward.main(config(tmp_path, tiny_model_dir, *pair_files, run_name="bad", lora={"enabled": True}))
+        reward.main(reward_config(FROZEN, run_name="bad", lora={"enabled": True}))
 
 
 def test_truncate_refuses_a_layer_the_model_does_not_have(tiny_model_dir):

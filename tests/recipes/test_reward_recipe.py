@@ -5,26 +5,18 @@ import shutil
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from alignkit.config import RewardConfig, load_config
 from alignkit.models import ScalarHeadModel
 from alignkit.recipes import reward
 
-def config(tmp_path, model_dir, train, held, **over):
-    cfg = {"model": str(model_dir), "data": {"train": str(train), "eval": str(held), "max_length": 64},
-           "output_dir": str(tmp_path / "runs"), "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-           "learning_rate": 3e-3, "micro_batch_size": 8, "max_steps": 36, "save_every": 12,
-           "keep_checkpoints": 5, "device": "cpu", "seed": 0, "lr_scheduler": "constant"}
-    cfg.update(over)
-    path = tmp_path / "reward.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_config(RewardConfig, path)
+LORA = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "learning_rate": 3e-3, "micro_batch_size": 8,
+        "max_steps": 36, "save_every": 12, "keep_checkpoints": 5, "lr_scheduler": "constant"}
 
 
-def test_reward_model_reaches_held_out_accuracy(tmp_path, tiny_model_dir, pair_files):
-    run_dir = reward.main(config(tmp_path, tiny_model_dir, *pair_files, run_name="rm"))
+def test_reward_model_reaches_held_out_accuracy(pair_files, reward_config):
+    run_dir = reward.main(reward_config(LORA, run_name="rm"))
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     before, after = records[0], records[-1]
     assert before["step"] == 0 and after["step"] == 36
@@ -45,8 +37,8 @@ def test_reward_model_reaches_held_out_accuracy(tmp_path, tiny_model_dir, pair_f
     assert acc == pytest.approx(after["eval_accuracy"])
 
 
-def test_resume_from_checkpoint_repeats_the_run(tmp_path, tiny_model_dir, pair_files):
-    full = reward.main(config(tmp_path, tiny_model_dir, *pair_files, run_name="full", max_steps=6,
+def test_resume_from_checkpoint_repeats_the_run(tmp_path, reward_config):
+    full = reward.main(reward_config(LORA, run_name="full", max_steps=6,
                               save_every=3, lora={"r": 4, "alpha": 8, "dropout": 0.1}))
     # A run that died after step 3: its config, its step-3 checkpoint and metrics up to step 3.
     cut = tmp_path / "runs" / "cut"
@@ -99,8 +91,8 @@ def test_split_by_prompt_holds_out_whole_prompts():
         reward.split_by_prompt(pairs[:3], 0.5, seed=0)
 
 
-def test_eval_fraction_gives_a_held_out_accuracy(tmp_path, tiny_model_dir, pair_files, capsys):
-    cfg = config(tmp_path, tiny_model_dir, *pair_files, run_name="rm_split", max_steps=2, save_every=2)
+def test_eval_fraction_gives_a_held_out_accuracy(reward_config, capsys):
+    cfg = reward_config(LORA, run_name="rm_split", max_steps=2, save_every=2)
     cfg.data.eval, cfg.data.eval_fraction = None, 0.25
     run_dir = reward.main(cfg)
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
