@@ -49,7 +49,7 @@ demo: $(STAMP)
 		--format pairs --min-margin 0.15 --out $(DEMO)/pairs.jsonl
 	@echo "== 4/8 [$$(date +%T)] reward model (the proxy) on the pairs, 10% of the prompts held out"
 	$(BIN)/alignkit train reward --config configs/demo/reward.yaml --overwrite
-	@echo "== 5/8 [$$(date +%T)] GRPO with LoRA against the reward model minus a repetition penalty; the gold labeler watches a held-out probe"
+	@echo "== 5/8 [$$(date +%T)] GRPO with LoRA against the reward model minus repetition and toxicity penalties; the gold labeler watches a held-out probe"
 	$(BIN)/alignkit train grpo --config configs/demo/grpo.yaml --overwrite
 	@echo "== 6/8 [$$(date +%T)] PPO with LoRA against the same reward, a short run for comparison"
 	$(BIN)/alignkit train ppo --config configs/demo/ppo.yaml --overwrite
