@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignkit.errors import ConfigError
 from alignkit.io import read_text_file
@@ -174,6 +174,18 @@ class ProbeSettings(Strict):
     """Most tokens per greedy probe reply; null uses the recipe's max_new_tokens."""
 
 
+class SelectSettings(Strict):
+    prompts: Path
+    """Validation prompts (JSONL with a "prompt" field, or one per line); the first `n` are used.
+    Never the prompts the policy is evaluated on afterwards: choosing on them is tuning on the test."""
+    every: int = Field(5, ge=1)
+    """Steps between scorings; the policy is also scored before the first step and after the last."""
+    n: int = Field(48, ge=1)
+    """How many of the file's prompts to score."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Most tokens per greedy reply; null uses the recipe's max_new_tokens."""
+
+
 class PPOConfig(TrainSettings):
     data: PPOData
     """Prompt set."""
@@ -280,6 +292,20 @@ class GRPOConfig(TrainSettings):
     """Reward-hacking monitors, as for PPO."""
     probe: ProbeSettings | None = None
     """Held-out probe, as for PPO (probe_proxy, probe_gold in the step's metrics)."""
+    select: SelectSettings | None = None
+    """Checkpoint selection on a validation slice (early stopping on the labeler, not on the proxy):
+    before the first step, every select.every steps and after the last, greedy replies to the first
+    select.n prompts of select.prompts are scored by monitors.judge (required) and logged as
+    select_gold; the policy of the best-scoring step so far is kept in best/, and final/ holds it at
+    the end (step 0, the starting policy, counts too: RL may not have helped). Null: final/ holds
+    the last step's policy."""
+
+    @model_validator(mode="after")
+    def _select_needs_a_judge(self):
+        if self.select is not None and self.monitors.judge is None:
+            raise ValueError("select scores the validation replies with monitors.judge: set monitors.judge "
+                             "to a judge YAML (the labeler), or drop select")
+        return self
 
     @field_validator("group_size")
     @classmethod

@@ -7,6 +7,7 @@ Plain functions and small classes the recipes call in order; each recipe keeps i
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.config import ProbeSettings
+from alignkit.config import ProbeSettings, SelectSettings
 from alignkit.evaluate import monitors
 from alignkit.evaluate.monitors import distinct_n, mean_repetition
 from alignkit.evaluate.rewards import load_reward
@@ -157,13 +158,15 @@ class Scorers:
 
 
 class Probe:
-    """Greedy replies of the current policy to fixed held-out prompts, scored by the proxy and the gold
-    judge: logged as probe_proxy / probe_gold before the first step, every `every` steps, and at the end."""
+    """Greedy replies of the current policy to fixed prompts, scored by the proxy and the gold judge:
+    logged as {key}_proxy / {key}_gold before the first step, every `every` steps, and at the end.
+    key "probe": the held-out probe (plotted); "select": the validation slice of checkpoint selection."""
 
-    def __init__(self, settings: ProbeSettings | None, max_new_tokens: int, rank: int, world: int):
+    def __init__(self, settings: ProbeSettings | SelectSettings | None, max_new_tokens: int, rank: int, world: int,
+                 key: str = "probe"):
         from alignkit.data.prompts import load_prompts
 
-        self.settings = settings
+        self.settings, self.key = settings, key
         if settings is not None:
             self.prompts = load_prompts(settings.prompts)[:settings.n]
             self.mine = self.prompts[rank::world]  # greedy: a row's reply does not depend on the split
@@ -182,10 +185,54 @@ class Probe:
                 sums[1] = sum(scorers.judge(self.mine, gen.texts))
             sums[2] = len(self.mine)
         sums = accelerator.reduce(sums, reduction="sum") if accelerator.num_processes > 1 else sums
-        out = {"probe_proxy": round((sums[0] / sums[2]).item(), 6)}
+        out = {f"{self.key}_proxy": round((sums[0] / sums[2]).item(), 6)}
         if scorers.judge is not None:
-            out["probe_gold"] = round((sums[1] / sums[2]).item(), 6)
+            out[f"{self.key}_gold"] = round((sums[1] / sums[2]).item(), 6)
         return out
+
+
+class Selection:
+    """Checkpoint selection on a validation slice: the policy is scored (greedy replies to cfg.select's
+    prompts, judged by monitors.judge: select_gold) before the first step, every select.every steps and
+    after the last; the best-scoring policy so far is saved to best/ (its step and score in its
+    alignkit.json), and `save_final` makes final/ a copy of it. Ties keep the earlier step. A resumed
+    run takes best/ back when its step is at or before the resume point (a kill between saving best/
+    and writing the step's checkpoint leaves a best/ from a step the resumed run will redo: it is
+    then dropped, and the selection restarts from the resume point)."""
+
+    def __init__(self, cfg, run_dir: Path, start_step: int, rank: int, world: int, main: bool):
+        self.probe = Probe(cfg.select, cfg.max_new_tokens, rank, world, key="select")
+        self.dir, self.main, self.best = run_dir / "best", main, None  # best: (select_gold, step)
+        meta = self.dir / "alignkit.json"
+        if start_step and meta.is_file():
+            chosen = json.loads(meta.read_text()).get("select", {})
+            if chosen.get("step", start_step + 1) <= start_step:
+                self.best = (chosen["select_gold"], chosen["step"])
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.probe.due(step, last)
+
+    def run(self, step: int, engine, policy, scorers: Scorers, accelerator, save_policy) -> dict:
+        """Score the current policy; save it to best/ when it beats the best so far.
+        save_policy(directory, extra_meta) writes the policy (main process only)."""
+        out = self.probe.run(engine, policy, scorers, accelerator)
+        if self.best is None or out["select_gold"] > self.best[0]:
+            self.best = (out["select_gold"], step)
+            if self.main:
+                save_policy(self.dir, {"select": {"step": step, "select_gold": out["select_gold"]}})
+        return out
+
+    def save_final(self, final: Path, last_step: int, save_policy) -> Path:
+        """final/ = best/ (the policy of the best step), or the current policy when that is the last."""
+        from alignkit.io import atomic_dir
+
+        if self.best is None or self.best[1] == last_step:
+            return save_policy(final, None)
+        with atomic_dir(final) as tmp:
+            shutil.copytree(self.dir, tmp, dirs_exist_ok=True)
+        print(f"final/ holds the policy of step {self.best[1]} (select_gold {self.best[0]:.4f}, the best on "
+              f"the validation slice), not that of the last step {last_step}", flush=True)
+        return final
 
 
 def load_history(run_dir: Path, start_step: int) -> list[dict]:
@@ -243,7 +290,7 @@ class StepLog:
     (time_checkpoint_s), as its record is already written: a kill between the two then loses nothing."""
 
     def __init__(self, name: str, cfg, run_dir: Path, start_step: int, total_steps: int, accelerator, probe: Probe,
-                 scorers: Scorers, engine, policy):
+                 scorers: Scorers, engine, policy, selection: Selection | None = None, save_policy=None):
         from tqdm.auto import tqdm
 
         from alignkit.io import JsonlLog
@@ -253,8 +300,13 @@ class StepLog:
         self.main = accelerator.is_main_process
         self.metrics = JsonlLog(run_dir / METRICS_FILE) if self.main else None
         self.history = load_history(run_dir, start_step)  # monitors compare against the whole run
-        if start_step == 0 and probe.due(0, False):
-            self.write({"step": 0, **self.run_probe()})
+        self.selection, self.save_policy, self.last_step = selection, save_policy, start_step
+        if start_step == 0:
+            record = {"step": 0, **(self.run_probe() if probe.due(0, False) else {})}
+            if selection is not None:
+                record.update(self.run_selection(0))
+            if len(record) > 1:
+                self.write(record)
         self.write_warning = tqdm.write if self.main else (lambda _: None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", disable=not self.main)
         self.t0, self.checkpoint_s = time.time(), 0.0
@@ -262,6 +314,16 @@ class StepLog:
     def run_probe(self) -> dict:
         self.policy.eval()
         return self.probe.run(self.engine, self.policy, self.scorers, self.accelerator)
+
+    def run_selection(self, step: int) -> dict:
+        self.policy.eval()
+        return self.selection.run(step, self.engine, self.policy, self.scorers, self.accelerator, self.save_policy)
+
+    def save_final(self, final: Path) -> Path:
+        """final/: the last step's policy, or with checkpoint selection the best one (main process)."""
+        if self.selection is None:
+            return self.save_policy(final, None)
+        return self.selection.save_final(final, self.last_step, self.save_policy)
 
     def write(self, record: dict) -> None:
         if self.main:
@@ -282,6 +344,10 @@ class StepLog:
         if self.probe.due(done, last):
             with timer("probe"):
                 record.update(self.run_probe())
+        if self.selection is not None and self.selection.due(done, last):
+            with timer("select"):
+                record.update(self.run_selection(done))
+        self.last_step = done
         record.update({**timer.record(), "time_checkpoint_s": round(self.checkpoint_s, 4),
                        "elapsed_s": round(time.time() - self.t0, 3)})
         self.write(record)

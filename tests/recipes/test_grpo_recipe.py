@@ -168,11 +168,15 @@ def test_grpo_moves_a_synthetic_reward_the_right_way(tmp_path, peaky_model_dir, 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_model_dir, kill_and_resume):
     """Kill a GRPO process (SIGKILL) once its step-2 checkpoint exists, resume it, and compare with a
-    run never interrupted: the same metrics (probe included) and the same final adapter."""
+    run never interrupted: the same metrics (probe and checkpoint selection included) and the same
+    final adapter."""
     probe_file = tmp_path / "heldout.txt"
     probe_file.write_text("Is this jacket warm?\nMy order never came\n")
+    judge = tmp_path / "judge.yaml"
+    judge.write_text("components:\n  - {name: tox, judge: toxicity, weight: -1.0}\n")
     over = dict(max_steps=5, save_every=2, num_iterations=2, minibatch_size=4, kl_target=1.0, kl_horizon=100,
-                probe={"prompts": str(probe_file), "every": 3, "n": 2})
+                probe={"prompts": str(probe_file), "every": 3, "n": 2}, monitors={"judge": str(judge)},
+                select={"prompts": str(probe_file), "every": 3, "n": 2})
     config(tmp_path, tiny_model_dir, "full", **over)
     config(tmp_path, tiny_model_dir, "killed", **over)
     full, killed = tmp_path / "runs" / "full", tmp_path / "runs" / "killed"
@@ -229,3 +233,39 @@ def test_minibatches_are_reshuffled_between_iterations_the_same_for_any_number_o
     for world in (2, 4):
         for iteration in range(3):
             assert global_minibatches(iteration, world) == global_minibatches(iteration, 1)
+
+
+def test_select_keeps_the_policy_that_scored_best_on_the_validation_slice(tmp_path, tiny_model_dir):
+    """select.every 2 over 5 steps: select_gold at steps 0, 2, 4 and 5, each equal to judging that
+    step's greedy validation replies; best/ records the first step with the highest select_gold and
+    final/ generates what that step's policy generates (and holds best/'s adapter). Which step wins is
+    not fixed in advance; a config without monitors.judge is refused."""
+    from alignkit.evaluate.judges import load_judge
+
+    judge = tmp_path / "judge.yaml"
+    judge.write_text("components:\n  - {name: tox, judge: toxicity, weight: -1.0}\n")
+    val = tmp_path / "val.txt"
+    val.write_text("Is this jacket warm?\nMy order never came\nCan I pay later?\n")
+    cfg = config(tmp_path, tiny_model_dir, "select", max_steps=5, save_every=10, max_new_tokens=8,
+                 monitors={"judge": str(judge)}, select={"prompts": str(val), "every": 2, "n": 3})
+    run_dir = grpo.main(cfg)
+    records = records_of(run_dir)
+    scored = {r["step"]: r["select_gold"] for r in records if "select_gold" in r}
+    assert list(scored) == [0, 2, 4, 5]
+    best_step = max(scored, key=lambda s: (scored[s], -s))
+    meta = json.loads((run_dir / "best" / "alignkit.json").read_text())["select"]
+    assert meta == {"step": best_step, "select_gold": scored[best_step]}
+    prompts = ["Is this jacket warm?", "My order never came", "Can I pay later?"]
+    policy, tok = load_model(str(run_dir / "final"), device="cpu")
+    texts = generate(policy, tok, prompts, max_new_tokens=8).texts
+    assert sum(load_judge(judge).score(prompts, texts)) / 3 == pytest.approx(scored[best_step], abs=1e-5)
+    a = load_file(run_dir / "final" / "adapter_model.safetensors")
+    b = load_file(run_dir / "best" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = load_file(run_dir / "checkpoints" / "step-000005" / "trainable.safetensors")
+    assert any(torch.count_nonzero(v) for k, v in last.items() if "lora_B" in k)  # the run moved the adapter
+    if best_step == 0:  # (so far always: 5 steps leave the tiny model's greedy replies as they were)
+        assert not any(torch.count_nonzero(v) for k, v in a.items() if "lora_B" in k)  # the untrained adapter
+
+    with pytest.raises(ConfigError, match="monitors.judge"):
+        config(tmp_path, tiny_model_dir, "nojudge", select={"prompts": str(val)})

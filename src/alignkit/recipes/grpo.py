@@ -15,6 +15,8 @@ Each step, top to bottom:
      the sequence KL from the score instead, as RLOO and PPO do).
 The old log-probs are the trainer's own (one batched forward pass), never the sampler's; their gap is
 logged as sampler_logprob_gap. Every record holds the seconds of each phase (time_*_s).
+final/ holds the last step's policy; with `select` set, the policy of the step that scored best on a
+validation slice (early stopping on the labeler: online.Selection).
 
 Under `accelerate launch --multi_gpu --num_processes N` (or torchrun) each process samples its share
 of every minibatch's rows; rewards are gathered for the group advantages, losses are normalised over
@@ -37,8 +39,8 @@ from alignkit.losses.grpo import aggregate, clipped_token_loss, group_advantages
 from alignkit.losses.kl import kl_k1, kl_k3
 from alignkit.models import save_model
 from alignkit.models.rollout import RolloutEngine
-from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, kl_controller, row_seeds, sample,
-                             rollout_logprobs, sampler_gap)
+from alignkit.online import (PhaseTimer, Probe, Scorers, Selection, StepLog, batch_stats, kl_controller, row_seeds,
+                             rollout_logprobs, sample, sampler_gap)
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
 
@@ -112,7 +114,9 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
               + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
     kl_fn = kl_k1 if cfg.kl_estimator == "k1" else kl_k3
     clip_high = cfg.clip_high or cfg.clip
-    log = StepLog("grpo", cfg, run_dir, start_step, total_steps, accelerator, probe, scorers, engine, policy)
+    selection = Selection(cfg, run_dir, start_step, rank, world, main_proc) if cfg.select else None
+    log = StepLog("grpo", cfg, run_dir, start_step, total_steps, accelerator, probe, scorers, engine, policy,
+                  selection, lambda directory, meta: save_model(policy, tokenizer, directory, extra_meta=meta))
 
     def save(step: int) -> None:
         checkpoint(run_dir, step, total_steps, model, optimizer, scheduler, accelerator, cfg.keep_checkpoints,
@@ -208,7 +212,7 @@ def main(cfg: GRPOConfig, *, resume: Path | None = None, overwrite: bool = False
             break
 
     # ---- save ------------------------------------------------------------------------------------
-    log.close(save_model(policy, tokenizer, run_dir / "final") if main_proc else None)
+    log.close(log.save_final(run_dir / "final") if main_proc else None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
