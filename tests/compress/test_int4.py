@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignkit.compress.int4 import Int4Embedding, Int4Error, Int4Linear, pack_int4, unpack_int4
+from alignkit.compress.int4 import (Int4Embedding, Int4Error, Int4Linear, decode_blocks, kernel_block_n, pack_int4,
+                                   unpack_int4)
 from alignkit.compress.quantize import load_quantized, quantize_model, save_quantized
 from alignkit.compress.report import weight_bytes
 from alignkit.errors import ModelLoadError
@@ -17,14 +18,31 @@ def rel(a, b):
 
 
 def test_kernel_layout_round_trip_is_exact():
-    """40 rows (padded to 64 for the kernel's blocks of 32) x 64 columns of every int4 value: decoding the
-    kernel's bytes gives back every value, and so does the disk layout (pack_int4)."""
+    """40 rows (padded to 64 for the kernel's blocks of 32 or 64 rows) x 64 columns of every int4
+    value: decoding the kernel's bytes gives back every value, and so does the disk layout (pack_int4)."""
     q = torch.randint(-8, 8, (40, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
     layer = Int4Linear(q, torch.rand(40, 2) + 0.1, None, 32)
+    assert kernel_block_n() in (32, 64)
     assert layer.packed.dtype == torch.uint8 and layer.packed.shape == (64, 32)  # two values per byte
     assert torch.equal(layer.int4_values(), q)
     assert torch.equal(unpack_int4(layer.disk_entry()["packed"], 64), q)
     assert torch.equal(unpack_int4(pack_int4(q), 64), q)
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_both_kernel_layouts_decode_by_hand(block_n):
+    """The layouts torch builds on AVX2 (blocks of 32 rows) and AVX512 (64), written byte by byte as
+    documented: byte [b, k, j] holds row block_n*b + j (low nibble) and row block_n*b + block_n/2 + j
+    (high nibble). Whichever this machine uses, both decode."""
+    n, k = 2 * block_n, 3
+    values = (torch.arange(n * k).reshape(n, k) * 5 + 3) % 16
+    packed = torch.zeros(n // block_n, k, block_n // 2, dtype=torch.uint8)
+    for row in range(n):
+        b, within = divmod(row, block_n)
+        j, high = within % (block_n // 2), within >= block_n // 2
+        for col in range(k):
+            packed[b, col, j] |= int(values[row, col]) << (4 if high else 0)
+    assert torch.equal(decode_blocks(packed.reshape(-1), torch.arange(n), k, block_n).long(), values)
 
 
 def test_dequantize_by_hand():

@@ -17,10 +17,11 @@ Precision choices, measured in bench/bench_int4.py (see the README):
   saved is exactly what runs;
 - norms and biases stay float: they are a few thousand values.
 
-The kernel's packed layout (blocks of 32 output rows: byte [b, k, j] holds row 32b + j in its low
-nibble and row 32b + 16 + j in its high nibble, for input column k) is decoded here only to look up
-embedding rows and to dequantize for tests; `check_layout` verifies it on every load, so a torch that
-packs differently fails loudly instead of returning wrong embeddings.
+The kernel's packed layout (blocks of B output rows, B = 32 on AVX2 and 64 with AVX512: byte
+[b, k, j] holds row Bb + j in its low nibble and row Bb + B/2 + j in its high nibble, for input
+column k) is decoded here only to look up embedding rows and to dequantize for tests. B is found once
+by packing known values (`kernel_block_n`), and `check_layout` verifies the layout on every load, so
+a torch that packs differently fails loudly instead of returning wrong embeddings.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from torch import nn
 from alignkit.errors import AlignkitError
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
-BLOCK_N = 32  # output rows per block of the kernel's packed layout; N is padded up to a multiple
+# Output rows per block of the kernel's packed layout (N is padded up to a multiple): torch builds
+# its CPU int4 kernel per instruction set, with blocks of 32 rows on AVX2 and of 64 with AVX512.
+BLOCK_N_CANDIDATES = (32, 64)
 KERNEL_DTYPE = torch.bfloat16
 
 
@@ -64,13 +67,35 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).flatten(1)[:, :in_features].contiguous()
 
 
+def decode_blocks(packed: torch.Tensor, rows: torch.Tensor, in_features: int, block_n: int) -> torch.Tensor:
+    """Rows of a packed layout of `block_n`-row blocks as values 0..15: (len(rows), in_features)."""
+    blocks = packed.view(-1, in_features, block_n // 2)  # (N / block_n, K, block_n / 2)
+    within = rows % block_n
+    byte = blocks[rows // block_n, :, within % (block_n // 2)]  # (len, K)
+    return torch.where((within < block_n // 2)[:, None], byte & 0x0F, byte >> 4)
+
+
+_BLOCK_N: list[int] = []
+
+
+def kernel_block_n() -> int:
+    """The block height of this torch build's int4 CPU layout, found once by packing known values and
+    decoding them (Int4Error when neither known layout fits)."""
+    if not _BLOCK_N:
+        probe = torch.arange(128 * 64, dtype=torch.int32).reshape(128, 64) * 7 % 16
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        fits = [b for b in BLOCK_N_CANDIDATES
+                if torch.equal(decode_blocks(packed, torch.arange(128), 64, b).to(torch.int32), probe)]
+        if not fits:
+            raise Int4Error("torch's int4 CPU kernel packs weights in a layout this version of alignkit does not "
+                            f"know (torch {torch.__version__}); int4 models cannot be loaded with it")
+        _BLOCK_N.append(fits[0])
+    return _BLOCK_N[0]
+
+
 def kernel_rows(packed: torch.Tensor, rows: torch.Tensor, in_features: int) -> torch.Tensor:
     """Rows of the kernel's packed layout as int8 values in [-8, 7]: (len(rows), in_features)."""
-    blocks = packed.view(-1, in_features, BLOCK_N // 2)  # (N / 32, K, 16)
-    within = rows % BLOCK_N
-    byte = blocks[rows // BLOCK_N, :, within % (BLOCK_N // 2)]  # (len, K)
-    nibble = torch.where((within < BLOCK_N // 2)[:, None], byte & 0x0F, byte >> 4)
-    return nibble.to(torch.int8) - 8
+    return decode_blocks(packed, rows, in_features, kernel_block_n()).to(torch.int8) - 8
 
 
 class Int4Linear(nn.Module):
@@ -93,7 +118,7 @@ class Int4Linear(nn.Module):
         if q.device.type != "cpu":
             raise Int4Error("int4 weights run on torch's CPU kernel: load the model with --device cpu")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        pad = -out_features % BLOCK_N  # the kernel packs blocks of 32 rows; padded rows are all zero
+        pad = -out_features % kernel_block_n()  # the kernel packs blocks of rows; padded rows are all zero
         u = F.pad(q.to(torch.int32) + 8, (0, 0, 0, pad), value=8)
         scale = F.pad(scale.to(KERNEL_DTYPE), (0, 0, 0, pad))
         zero_term = torch.zeros_like(scale) if zero is None else F.pad(-(zero.float() * scale[:out_features].float())
@@ -184,7 +209,7 @@ class Int4Embedding(nn.Module):
 def check_layout(layer: Int4Linear, q: torch.Tensor) -> None:
     """The kernel layout decodes back to the values it was built from (a few rows, every block edge)."""
     n = layer.out_features
-    rows = torch.unique(torch.tensor([0, 15, 16, 31, n // 2, n - 1]).clamp(0, n - 1))
+    rows = torch.unique(torch.tensor([0, 15, 16, 31, 32, 63, n // 2, n - 1]).clamp(0, n - 1))
     if not torch.equal(layer.int4_values(rows), q[rows].to(torch.int8)):
         raise Int4Error("torch's int4 CPU kernel packs weights in a layout this version of alignkit does not "
                         f"know (torch {torch.__version__}); int4 models cannot be loaded with it")
