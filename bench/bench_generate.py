@@ -7,7 +7,9 @@ Sampled at temperature 1 (no top-k/top-p), a fixed number of new tokens (EOS ban
 path's own `min_new_tokens`, no logits processor), the same prompts for every path, at each batch size:
   (a) `model.generate` on the PEFT-wrapped model (a LoRA adapter, r 8 on q/v): the path before the engine
   (b) `model.generate` on the merged weights (a plain model)
-  (c) `RolloutEngine(policy).generate` (LoRA merged into its generation copy)
+  (c) `RolloutEngine(policy).generate` (LoRA merged into its generation copy), its products in the
+      precision `models/cpu_linear.py` picks for this CPU (bfloat16 from 4 rows on CPUs with AMX)
+  (p) on a CPU where (c) multiplies in bfloat16: the same engine with every product in float32
   (s) with --static-loop: the peer of (c), a bare loop of forward passes over transformers' StaticCache
       with logits_to_keep=1 and `torch.multinomial` (no hooks, no per-row seeds, no compaction)
   (d) with --continuous-batching: transformers' `generate_batch` (paged cache) on the merged weights
@@ -67,6 +69,21 @@ def plain_linears(run):
     return wrapped
 
 
+def float32_products(run):
+    """`run` with the engine's decode products in float32 whatever the CPU (cpu_linear's setting)."""
+    def wrapped():
+        before = os.environ.get("ALIGNKIT_DECODE_PRECISION")
+        os.environ["ALIGNKIT_DECODE_PRECISION"] = "float32"
+        try:
+            run()
+        finally:
+            if before is None:
+                del os.environ["ALIGNKIT_DECODE_PRECISION"]
+            else:
+                os.environ["ALIGNKIT_DECODE_PRECISION"] = before
+    return wrapped
+
+
 def linear_shapes(model, repeats: int) -> None:
     """Milliseconds per product for each distinct (in, out) projection of `model`: x W^T by F.linear,
     as (W x^T)^T, and by oneDNN on the packed weight, at several row counts (a decode step has one
@@ -114,12 +131,15 @@ def main() -> None:
     from transformers import GenerationConfig
 
     from alignkit.models import attach_lora, load_model, merge_lora
+    from alignkit.models.cpu_linear import decode_precision
     from alignkit.models.generation import left_pad
     from alignkit.models.rollout import RolloutEngine, encode_prompts
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU, load average {load:.1f} at start\n")
+    precision = decode_precision()
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU, load average {load:.1f} at start; "
+          f"the engine's decode products in {precision}\n")
 
     bandwidth, gflops = machine_limits(args.repeats)
     base, tok = load_model("embedded", device="cpu")
@@ -195,6 +215,8 @@ def main() -> None:
 
     print(f"## Tokens/s, sampled at T=1, {n} new tokens per row (share of the limit at that batch)")
     names = {"a": "(a) peft", "b": "(b) merged", "c": "(c) engine"}
+    if precision != "float32":
+        names["p"] = "(p) engine f32"
     if args.static_loop:
         names["s"] = "(s) static loop"
     if args.continuous_batching:
@@ -214,6 +236,8 @@ def main() -> None:
         ids, mask = left_pad(prompt_ids, tok.pad_token_id, "cpu")
         limit = min(batch * bandwidth * 1e9 / weight_bytes, gflops * 1e9 / flop_per_token)
         runs = {"a": hf(policy, ids, mask), "b": hf(merged, ids, mask), "c": eng(prompts)}
+        if "p" in names:
+            runs["p"] = float32_products(eng(prompts))
         if args.static_loop:
             runs["s"] = static_loop(ids, mask)
         if args.continuous_batching:

@@ -15,6 +15,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Decode products exact to float32 on every CPU (no bfloat16 on AMX CPUs), so that a test gives the
+# same tokens on every machine; tests of the bfloat16 products set it themselves.
+os.environ["ALIGNKIT_DECODE_PRECISION"] = "float32"
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "alignkit" / "data" / "examples"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

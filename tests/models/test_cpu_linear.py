@@ -1,5 +1,7 @@
 """Rows-first linears: the same product as F.linear, applied only inside the block, and the engine's
-greedy tokens unchanged with them on a batch large enough to use them."""
+greedy tokens unchanged with them on a batch large enough to use them; bfloat16 products (CPUs with
+AMX): the rounding they promise and no more, a bfloat16 weight copy that follows in-place writes and
+the engine's sync, and the precision each setting resolves to."""
 
 import pytest
 import torch
@@ -8,6 +10,8 @@ import torch.nn.functional as F
 from alignkit.models import cpu_linear
 from alignkit.models.cpu_linear import rows_first_linear, rows_first_linears
 from alignkit.models.rollout import RolloutEngine
+
+BF16_EPS = 2.0 ** -8  # bfloat16 keeps 8 bits of mantissa: relative rounding up to 2^-8 per operand
 
 
 @pytest.mark.parametrize("shape", [(1, 24), (3, 24), (16, 24), (4, 5, 24), (600, 24)])
@@ -36,9 +40,9 @@ def test_only_plain_linears_inside_the_block_are_patched():
     calls = []
     original = cpu_linear.rows_first_linear
 
-    def spy(module, x):
+    def spy(module, x, **kw):
         calls.append(module)
-        return original(module, x)
+        return original(module, x, **kw)
 
     cpu_linear.rows_first_linear = spy
     try:
@@ -69,3 +73,91 @@ def test_engine_greedy_on_a_wide_batch_equals_one_row_at_a_time(tiny):
     finally:
         cpu_linear.ENABLED = True
     assert together.tokens == alone
+
+
+@pytest.mark.parametrize("rows,out_features,low", [(2, 600, False), (4, 600, True), (63, 40, False), (64, 40, True),
+                                                   (600, 600, True)])
+def test_bfloat16_products_round_the_operands_and_nothing_else(rows, out_features, low):
+    """From LOWP_MIN_ROWS rows (LOWP_SMALL_MIN_ROWS under LOWP_SMALL_OUTPUTS outputs): the product of the
+    bfloat16-rounded operands, summed in float32 and rounded once more to bfloat16 (a CPU bfloat16 matmul
+    writes bfloat16); below that, float32 as before."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, out_features)
+    x = torch.randn(rows, 48)
+    y = rows_first_linear(layer, x, low_precision=True)
+    exact = F.linear(x, layer.weight, layer.bias)
+    rounded = F.linear(x.bfloat16().double(), layer.weight.bfloat16().double()).float()
+    assert y.dtype == torch.float32 and y.shape == exact.shape
+    if low:
+        # the rounded operands' product, rounded to bfloat16 (within one unit in the last place: 2^-8
+        # relative; the kernels here do not always round to nearest)
+        assert ((y - layer.bias) - rounded).abs().le(BF16_EPS * rounded.abs() + 1e-6).all()
+        assert (y - exact).abs().max() > 1e-6  # and not the float32 one
+        scale = F.linear(x.abs(), layer.weight.abs()).max()
+        assert (y - exact).abs().max() <= 3 * BF16_EPS * scale  # two operands and the result rounded
+    else:
+        torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kept_bfloat16_weight_follows_writes():
+    layer = torch.nn.Linear(16, 600, bias=False)
+    first = cpu_linear.low_precision_weight(layer)
+    assert cpu_linear.low_precision_weight(layer) is first  # kept, not remade per call
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # an in-place write (an optimizer step) moves the version counter
+    second = cpu_linear.low_precision_weight(layer)
+    assert second is not first
+    torch.testing.assert_close(second.float(), (layer.weight.detach()).bfloat16().float())
+    with torch.inference_mode():
+        frozen = torch.nn.Linear(16, 600, bias=False)  # inference tensors: no version counter
+        kept = cpu_linear.low_precision_weight(frozen)
+        frozen.weight.mul_(2.0)
+        assert cpu_linear.low_precision_weight(frozen) is kept  # unseen: the writer must forget it
+        cpu_linear.forget_low_precision(frozen)
+        torch.testing.assert_close(cpu_linear.low_precision_weight(frozen).float(),
+                                   frozen.weight.bfloat16().float())
+
+
+def test_decode_precision_settings(monkeypatch):
+    monkeypatch.setenv("ALIGNKIT_DECODE_PRECISION", "bfloat16")
+    assert cpu_linear.decode_precision() == "bfloat16"
+    monkeypatch.setenv("ALIGNKIT_DECODE_PRECISION", "float32")
+    assert cpu_linear.decode_precision() == "float32"
+    monkeypatch.setenv("ALIGNKIT_DECODE_PRECISION", "auto")
+    for amx in (True, False):
+        monkeypatch.setattr(cpu_linear, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        assert cpu_linear.decode_precision() == ("bfloat16" if amx else "float32")
+    monkeypatch.setenv("ALIGNKIT_DECODE_PRECISION", "half")
+    with pytest.raises(ValueError, match="float32"):
+        cpu_linear.decode_precision()
+
+
+def test_engine_in_bfloat16_sees_the_policy_after_sync(tiny_model_dir, monkeypatch):
+    """An optimizer step, then sync: the engine's bfloat16 decoding equals a fresh engine's on the new
+    weights (no stale bfloat16 copy), and differs from before the step."""
+    from alignkit.models import attach_lora, load_model
+
+    monkeypatch.setenv("ALIGNKIT_DECODE_PRECISION", "bfloat16")
+    monkeypatch.setattr(cpu_linear, "LOWP_SMALL_MIN_ROWS", cpu_linear.LOWP_MIN_ROWS)  # the tiny model's layers
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    policy = attach_lora(model, r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "o_proj"))
+    prompts = [f"Where is order {i}?" for i in range(8)]
+    engine = RolloutEngine(policy, tok)
+    before = engine.generate(prompts, max_new_tokens=8, temperature=1.0, seed=3, return_logprobs=True)
+    assert any("_bf16_weight" in m.__dict__ for m in engine.model.modules())  # the bfloat16 path ran
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=2.0)
+    ids = torch.tensor([tok("Where is my order? I paid last week.")["input_ids"]])
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    policy(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    engine.sync(policy)
+    after = engine.generate(prompts, max_new_tokens=8, temperature=1.0, seed=3, return_logprobs=True)
+    fresh = RolloutEngine(policy, tok).generate(prompts, max_new_tokens=8, temperature=1.0, seed=3,
+                                                return_logprobs=True)
+    assert after.tokens == fresh.tokens
+    for a, b in zip(after.logprobs, fresh.logprobs):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(after.logprobs, before.logprobs))

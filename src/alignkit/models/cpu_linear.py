@@ -1,51 +1,116 @@
-"""Decode-step matrix multiplies in the orientation this CPU's BLAS runs faster.
+"""Decode-step matrix multiplies in the form this CPU runs fastest.
 
 A decode step multiplies a few rows (one per sequence) by every weight matrix: y = x W^T with x of
-(rows, in) and W of (out, in). MKL computes the same product as (W x^T)^T, with the weight as the
-tall left operand, faster than `F.linear`'s x W^T on this project's 2-core AVX2 machine for some
-row counts (`bench/bench_generate.py --linear`): the 49152 x 576 LM head 2.3x at 4 rows, 1.45x at
-32 (28.5 -> 19.2 ms at 32 rows); the 576 <-> 1536 projections 1.1-1.3x at 16-64 rows. Below 16 rows
-the projections are slower that way (0.76-0.87x at 8 rows), and prefill-sized inputs gain nothing,
-so a projection takes (W x^T)^T from 16 to 512 rows and a vocabulary-sized head (8192 outputs or
-more) from 2 rows; everything else keeps `F.linear`. The result is the same product summed in
-another order: equal up to float rounding, like any change of BLAS kernel.
+(rows, in) and W of (out, in). Two things make it faster than `F.linear`, each measured with
+`bench/bench_generate.py --linear`:
+
+- Orientation. MKL computes the same product as (W x^T)^T, with the weight as the tall left operand,
+  faster than x W^T for some row counts. On the 2-core AVX2 EPYC this project was first measured on:
+  the 49152 x 576 LM head 2.3x at 4 rows, 1.45x at 32 (28.5 -> 19.2 ms at 32 rows); the 576 <-> 1536
+  projections 1.1-1.3x at 16-64 rows, but slower below 16 (0.76-0.87x at 8 rows). So, in float32, a
+  projection takes (W x^T)^T from 16 to 512 rows and a vocabulary-sized head (8192 outputs or more)
+  from 2 rows; everything else keeps `F.linear`. Equal up to float rounding, like any change of kernel.
+- bfloat16 on CPUs with AMX (Intel Xeon Sapphire Rapids and later). AMX multiplies bfloat16 tiles
+  and accumulates in float32: on a 2-core Xeon with AMX, (W x^T)^T in bfloat16 ran the 576 <-> 1536
+  projections 2-4x and the LM head 2-6x faster than float32 from 4 rows up (8 rows: 0.26 -> 0.08 ms,
+  20.7 -> 3.1 ms), while at 1-2 rows bfloat16 was slower (no AMX tile to fill). With `PRECISION`
+  "auto" (the default), such a CPU multiplies in bfloat16 from LOWP_MIN_ROWS rows (small projections,
+  under 512 outputs, from LOWP_SMALL_MIN_ROWS), on a bfloat16 copy of the weight made once and kept
+  beside it; inputs are rounded to bfloat16, products summed in float32, the result rounded to
+  bfloat16 (what a CPU bfloat16 matmul writes) and handed back in float32. CPUs without AMX stay in float32 (their bfloat16 products run no faster). This rounds
+  the generation model's weights to bfloat16's 8 bits of mantissa, as GPU engines sampling for RL
+  do: the RL recipes recompute every log-prob with the float32 trainer and log the gap
+  (`sampler_logprob_gap`). "float32" keeps every product exact to float32 (the tests set it, so they
+  give the same tokens on every CPU); "bfloat16" forces the bfloat16 products on any CPU.
+  The environment variable ALIGNKIT_DECODE_PRECISION sets it for a process and its children.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
 
 MIN_ROWS, MAX_ROWS = 16, 512  # for a projection; a vocabulary-sized head from HEAD_MIN_ROWS rows
 HEAD_MIN_ROWS, HEAD_OUTPUTS = 2, 8192
+LOWP_MIN_ROWS, LOWP_SMALL_MIN_ROWS, LOWP_SMALL_OUTPUTS = 4, 64, 512
 ENABLED = True  # False: rows_first_linears changes nothing (benchmarks compare both)
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
-def rows_first_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+@lru_cache(maxsize=1)
+def cpu_has_amx_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 matrices on AMX tiles (and torch may use them)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def decode_precision() -> str:
+    """The precision decode products run in now: "float32" or "bfloat16" ("auto" resolved for this CPU)."""
+    wanted = os.environ.get("ALIGNKIT_DECODE_PRECISION", "auto").strip().lower() or "auto"
+    if wanted not in PRECISIONS:
+        raise ValueError(f"ALIGNKIT_DECODE_PRECISION={wanted!r}: choose one of {', '.join(PRECISIONS)}")
+    if wanted == "auto":
+        return "bfloat16" if cpu_has_amx_bf16() else "float32"
+    return wanted
+
+
+def low_precision_weight(module: torch.nn.Linear) -> torch.Tensor:
+    """A bfloat16 copy of `module.weight`, made once and kept on the module while the weight is the
+    same tensor, unwritten. Inference tensors carry no version counter: whoever writes one in place
+    (the rollout engine's `sync`) calls `forget_low_precision` on the model."""
+    w = module.weight
+    stamp = (w.data_ptr(), None if w.is_inference() else w._version)
+    kept = module.__dict__.get("_bf16_weight")
+    if kept is None or kept[0] != stamp:
+        kept = module.__dict__["_bf16_weight"] = (stamp, w.detach().to(torch.bfloat16))
+    return kept[1]
+
+
+def forget_low_precision(model: torch.nn.Module) -> None:
+    """Drop every kept bfloat16 weight copy of `model` (after its weights were written in place)."""
+    for m in model.modules():
+        m.__dict__.pop("_bf16_weight", None)
+
+
+def rows_first_linear(module: torch.nn.Linear, x: torch.Tensor, low_precision: bool = False) -> torch.Tensor:
     """module(x), computed as (W x^T)^T when x has MIN_ROWS..MAX_ROWS rows on a CPU (HEAD_MIN_ROWS..
-    for a layer of at least HEAD_OUTPUTS outputs)."""
+    for a layer of at least HEAD_OUTPUTS outputs); with `low_precision`, in bfloat16 on a kept bfloat16
+    copy of W from LOWP_MIN_ROWS rows (LOWP_SMALL_MIN_ROWS for a layer under LOWP_SMALL_OUTPUTS outputs)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    low = HEAD_MIN_ROWS if module.out_features >= HEAD_OUTPUTS else MIN_ROWS
-    if not (low <= rows <= MAX_ROWS) or x.device.type != "cpu" or x.dtype != module.weight.dtype:
+    if x.device.type != "cpu" or x.dtype != module.weight.dtype or x.dtype != torch.float32:
         return F.linear(x, module.weight, module.bias)
-    y = torch.mm(module.weight, x.reshape(rows, x.shape[-1]).t()).t()
+    small = module.out_features < LOWP_SMALL_OUTPUTS
+    if low_precision and rows >= (LOWP_SMALL_MIN_ROWS if small else LOWP_MIN_ROWS):
+        w, flat = low_precision_weight(module), x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
+        y = (torch.mm(w, flat.t()).t() if rows <= MAX_ROWS else F.linear(flat, w)).float()
+    else:
+        low = HEAD_MIN_ROWS if module.out_features >= HEAD_OUTPUTS else MIN_ROWS
+        if not (low <= rows <= MAX_ROWS):
+            return F.linear(x, module.weight, module.bias)
+        y = torch.mm(module.weight, x.reshape(rows, x.shape[-1]).t()).t()
     if module.bias is not None:
         y = y + module.bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @contextmanager
-def rows_first_linears(model: torch.nn.Module):
-    """Within the block, every plain nn.Linear of `model` computes through `rows_first_linear`;
-    afterwards the modules are as they were. Subclasses (LoRA layers) and weights that are not plain
-    tensors (torchao's quantized weights) are left alone."""
+def rows_first_linears(model: torch.nn.Module, precision: str | None = None):
+    """Within the block, every plain nn.Linear of `model` computes through `rows_first_linear`, in
+    `precision` ("float32" or "bfloat16"; None: `decode_precision()`); afterwards the modules are as
+    they were (a kept bfloat16 weight copy stays for the next block). Subclasses (LoRA layers) and
+    weights that are not plain tensors (torchao's quantized weights) are left alone."""
     patched = []
     if ENABLED and next(model.parameters()).device.type == "cpu":
+        low = (precision or decode_precision()) == "bfloat16"
         for m in model.modules():
             if type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor and "forward" not in m.__dict__:
-                m.forward = rows_first_linear.__get__(m)
+                m.forward = partial(rows_first_linear, m, low_precision=low)
                 patched.append(m)
     try:
         yield

@@ -3,7 +3,8 @@
 Every generation in alignkit runs here (RL rollouts, `prefs sample`, `eval`, `generate`, `chat`,
 agents, RAG): a forward loop over transformers' `StaticCache` (no per-token growth of the cache),
 the LM head on the last position only, finished rows dropped from the batch, decode-sized matrix
-products in the orientation the CPU runs faster (`alignkit.models.cpu_linear`), and a sampler that
+products in the form the CPU runs fastest (`alignkit.models.cpu_linear`: the orientation, and
+bfloat16 on CPUs with AMX), and a sampler that
 draws each row from its own seed (`alignkit.models.sampling`), so a row's tokens do not depend on
 which rows share its batch.
 
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from alignkit.models.cpu_linear import rows_first_linears
+from alignkit.models.cpu_linear import forget_low_precision, rows_first_linears
 from alignkit.models.generation import Generation, Prompt, eos_ids, left_pad, render_prompt
 from alignkit.models.sampling import row_seeds, sample, uniforms
 
@@ -141,6 +142,7 @@ class RolloutEngine:
         for name, p in self.model.named_parameters():
             if name not in merged and p is not source[name]:
                 p.copy_(source[name])
+        forget_low_precision(self.model)  # bfloat16 copies of the old weights (cpu_linear)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt | list[int]], *, n: int = 1, max_new_tokens: int = 64,
