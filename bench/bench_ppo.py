@@ -27,7 +27,9 @@ policy's backbone.
 
 Step 1 of each run is warm-up and left out. Peak memory is the child process's peak resident set
 (ru_maxrss), model loading included. Every side gets the same OMP_NUM_THREADS and, unless set
-otherwise, OMP_WAIT_POLICY=PASSIVE (see run_side). Prints figures; it is not a test.
+otherwise, OMP_WAIT_POLICY=PASSIVE (see run_side; --omp-wait-policy default leaves OpenMP's own
+default, what a user's run gets: on a quiet machine that is the fairer figure, since passive waiting
+slows loops of many small products, the decode loop most). Prints figures; it is not a test.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def child(side: str, model_dir: str, steps: int, threads: int, out: Path) -> Non
 
 
 def run_side(side: str, model_dir: str, steps: int, threads: int, workdir: Path,
-             trl_ppo_path: str | None) -> dict | str:
+             trl_ppo_path: str | None, wait_policy: str = "passive") -> dict | str:
     """The side's result, or why it did not run. A fresh process each, so peak memory is its own."""
     out_dir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=workdir))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
@@ -133,7 +135,10 @@ def run_side(side: str, model_dir: str, steps: int, threads: int, workdir: Path,
     # process on a busy machine: on a loaded 2-core CPU one forward pass of the embedded model took
     # 20.4 s spinning and 5.5 s passive. Passive waiting, the same for every side, keeps the
     # comparison about the trainers rather than about the neighbours.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if wait_policy == "passive":
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    else:  # OpenMP's default (spin a while, then sleep), as a user's run gets it
+        env.pop("OMP_WAIT_POLICY", None)
     if side == "trl-ppo":
         if not trl_ppo_path:
             return "not run: give --trl-ppo-path (a TRL 1.10 installed apart; 1.16 has no PPO)"
@@ -216,6 +221,9 @@ def main() -> None:
     ap.add_argument("--trl-ppo-path", default=os.environ.get("TRL_PPO_PATH"),
                     help="directory holding TRL 1.10 (pip install --no-deps --target DIR trl==1.10.0), put first "
                          "on the TRL PPO side's PYTHONPATH; default $TRL_PPO_PATH; without it that side is skipped")
+    ap.add_argument("--omp-wait-policy", choices=["passive", "default"], default="passive",
+                    help="passive (default: fair on a machine shared with other jobs) or OpenMP's default "
+                         "(a quiet machine, as users run)")
     ap.add_argument("--sides", default=",".join(SIDES),
                     help=f"comma-separated sides to run (default all: {','.join(SIDES)})")
     ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: one side, in a child
@@ -238,7 +246,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads per side, CPU; sides run one after another. "
           f"{common.COMPLETIONS_PER_STEP} completions x <= {common.MAX_NEW_TOKENS} new tokens per step, "
           f"LoRA r={common.LORA['r']} on {common.LORA['target_modules']}; {steps} measured steps + 1 warm-up; "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine may be shared: read ratios)")
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine may be shared: read ratios); "
+          f"OpenMP wait policy: {args.omp_wait_policy}")
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             if model == "tiny":
@@ -257,7 +266,8 @@ def main() -> None:
                     name = SIDES[side]
                     print(f"{model}: {name}" + (f", round {round_ + 1}/{args.rounds}" if args.rounds > 1 else "")
                           + " ...", flush=True)
-                    runs[side].append(run_side(side, model_dir, steps, args.threads, workdir, args.trl_ppo_path))
+                    runs[side].append(run_side(side, model_dir, steps, args.threads, workdir, args.trl_ppo_path,
+                                                   args.omp_wait_policy))
             results = {side: median_result(r) for side, r in runs.items()}
             for ours, peers, target in TABLES:
                 print_table(model, results, args.rounds, ours, peers, target)

@@ -184,6 +184,11 @@ class SelectSettings(Strict):
     """How many of the file's prompts to score."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Most tokens per greedy reply; null uses the recipe's max_new_tokens."""
+    guard: Path | None = None
+    """A judge YAML whose mean over the same replies must not fall below the starting policy's (step
+    0) for a step to be chosen, higher being better (e.g. the offensive-language classifier with
+    weight -1: no step more offensive than the start on the slice is kept). Logged as select_guard.
+    The starting policy always qualifies, so a run where no step holds the guard keeps it."""
 
 
 class PPOConfig(TrainSettings):

@@ -166,28 +166,36 @@ class Probe:
                  key: str = "probe"):
         from alignkit.data.prompts import load_prompts
 
-        self.settings, self.key = settings, key
+        self.settings, self.key, self.guard = settings, key, None
         if settings is not None:
             self.prompts = load_prompts(settings.prompts)[:settings.n]
             self.mine = self.prompts[rank::world]  # greedy: a row's reply does not depend on the split
             self.max_new_tokens = settings.max_new_tokens or max_new_tokens
+            if getattr(settings, "guard", None) is not None:
+                from alignkit.evaluate.judges import load_judge
+
+                self.guard = load_judge(settings.guard).score
 
     def due(self, step: int, last: bool) -> bool:
         return self.settings is not None and (step % self.settings.every == 0 or last)
 
     def run(self, engine, policy, scorers: Scorers, accelerator) -> dict:
         engine.sync(policy)
-        sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # proxy, gold, n
+        sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # proxy, gold, n, guard
         if self.mine:
             gen = engine.generate(self.mine, max_new_tokens=self.max_new_tokens, temperature=0.0)
             sums[0] = sum(scorers.reward(self.mine, gen.texts))
             if scorers.judge is not None:
                 sums[1] = sum(scorers.judge(self.mine, gen.texts))
             sums[2] = len(self.mine)
+            if self.guard is not None:
+                sums[3] = sum(self.guard(self.mine, gen.texts))
         sums = accelerator.reduce(sums, reduction="sum") if accelerator.num_processes > 1 else sums
         out = {f"{self.key}_proxy": round((sums[0] / sums[2]).item(), 6)}
         if scorers.judge is not None:
             out[f"{self.key}_gold"] = round((sums[1] / sums[2]).item(), 6)
+        if self.guard is not None:
+            out[f"{self.key}_guard"] = round((sums[3] / sums[2]).item(), 6)
         return out
 
 
@@ -198,25 +206,37 @@ class Selection:
     alignkit.json), and `save_final` makes final/ a copy of it. Ties keep the earlier step. A resumed
     run takes best/ back when its step is at or before the resume point (a kill between saving best/
     and writing the step's checkpoint leaves a best/ from a step the resumed run will redo: it is
-    then dropped, and the selection restarts from the resume point)."""
+    then dropped, and the selection restarts from the resume point). With select.guard, a step
+    qualifies only when its select_guard is at least step 0's (read back from the metrics on resume);
+    a step that scores best but fails the guard is logged with select_guard_held false."""
 
     def __init__(self, cfg, run_dir: Path, start_step: int, rank: int, world: int, main: bool):
         self.probe = Probe(cfg.select, cfg.max_new_tokens, rank, world, key="select")
         self.dir, self.main, self.best = run_dir / "best", main, None  # best: (select_gold, step)
+        self.floor = None  # the starting policy's select_guard
         meta = self.dir / "alignkit.json"
         if start_step and meta.is_file():
             chosen = json.loads(meta.read_text()).get("select", {})
             if chosen.get("step", start_step + 1) <= start_step:
                 self.best = (chosen["select_gold"], chosen["step"])
+        if start_step and self.probe.guard is not None:
+            records = (json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines())
+            self.floor = next((r["select_guard"] for r in records if r.get("step") == 0 and "select_guard" in r), None)
 
     def due(self, step: int, last: bool) -> bool:
         return self.probe.due(step, last)
 
     def run(self, step: int, engine, policy, scorers: Scorers, accelerator, save_policy) -> dict:
-        """Score the current policy; save it to best/ when it beats the best so far.
-        save_policy(directory, extra_meta) writes the policy (main process only)."""
+        """Score the current policy; save it to best/ when it beats the best so far (and holds the
+        guard). save_policy(directory, extra_meta) writes the policy (main process only)."""
         out = self.probe.run(engine, policy, scorers, accelerator)
-        if self.best is None or out["select_gold"] > self.best[0]:
+        held = True
+        if self.probe.guard is not None:
+            if step == 0 or self.floor is None:
+                self.floor = out["select_guard"]
+            held = out["select_guard"] >= self.floor
+            out["select_guard_held"] = held
+        if held and (self.best is None or out["select_gold"] > self.best[0]):
             self.best = (out["select_gold"], step)
             if self.main:
                 save_policy(self.dir, {"select": {"step": step, "select_gold": out["select_gold"]}})

@@ -247,11 +247,15 @@ def test_select_keeps_the_policy_that_scored_best_on_the_validation_slice(tmp_pa
     val = tmp_path / "val.txt"
     val.write_text("Is this jacket warm?\nMy order never came\nCan I pay later?\n")
     cfg = config(tmp_path, tiny_model_dir, "select", max_steps=5, save_every=10, max_new_tokens=8,
-                 monitors={"judge": str(judge)}, select={"prompts": str(val), "every": 2, "n": 3})
+                 monitors={"judge": str(judge)}, select={"prompts": str(val), "every": 2, "n": 3,
+                                                         "guard": str(judge)})
     run_dir = grpo.main(cfg)
     records = records_of(run_dir)
     scored = {r["step"]: r["select_gold"] for r in records if "select_gold" in r}
     assert list(scored) == [0, 2, 4, 5]
+    # The guard (here the same judge) is logged beside it, and held where it is at least step 0's.
+    guarded = {r["step"]: (r["select_guard"], r["select_guard_held"]) for r in records if "select_gold" in r}
+    assert guarded == {s: (g, g >= scored[0]) for s, g in scored.items()}
     best_step = max(scored, key=lambda s: (scored[s], -s))
     meta = json.loads((run_dir / "best" / "alignkit.json").read_text())["select"]
     assert meta == {"step": best_step, "select_gold": scored[best_step]}
@@ -269,3 +273,38 @@ def test_select_keeps_the_policy_that_scored_best_on_the_validation_slice(tmp_pa
 
     with pytest.raises(ConfigError, match="monitors.judge"):
         config(tmp_path, tiny_model_dir, "nojudge", select={"prompts": str(val)})
+
+
+def test_select_guard_passes_over_a_better_step_that_breaks_it(tmp_path):
+    """Selection's choice with select.guard, its probe scripted (a test double: the scores are given,
+    not generated): step 5 scores best but falls below step 0's guard, so best/ keeps step 3; a
+    resumed run reads step 0's guard back from the metrics and applies the same floor."""
+    from types import SimpleNamespace
+
+    from alignkit.config import SelectSettings
+    from alignkit.online import Selection
+
+    val = tmp_path / "val.txt"
+    val.write_text("a\nb\n")
+    guard = tmp_path / "guard.yaml"
+    guard.write_text("components:\n  - {name: tox, judge: toxicity, weight: -1.0}\n")
+    cfg = SimpleNamespace(select=SelectSettings(prompts=val, every=1, n=2, guard=guard), max_new_tokens=8)
+    scripted = {0: (0.40, -0.010), 3: (0.55, -0.009), 5: (0.70, -0.020), 6: (0.60, -0.010)}
+    saved = []
+
+    def run(selection, step):
+        selection.probe.run = lambda *a: {"select_proxy": 0.0, "select_gold": scripted[step][0],
+                                          "select_guard": scripted[step][1]}
+        out = selection.run(step, None, None, None, None, lambda d, meta: saved.append(meta["select"]["step"]))
+        with (tmp_path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **out}) + "\n")
+        return out
+
+    selection = Selection(cfg, tmp_path, 0, 0, 1, True)
+    assert run(selection, 0)["select_guard_held"] is True
+    assert run(selection, 3)["select_guard_held"] is True
+    assert run(selection, 5)["select_guard_held"] is False  # the best gold, but more offensive than step 0
+    assert selection.best == (0.55, 3) and saved == [0, 3]
+    resumed = Selection(cfg, tmp_path, 5, 0, 1, True)
+    assert resumed.floor == -0.010
+    assert run(resumed, 6)["select_guard_held"] is True  # -0.010 >= step 0's -0.010

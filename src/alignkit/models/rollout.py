@@ -137,12 +137,13 @@ class RolloutEngine:
         layers = lora_layers(base)
         for name, layer in layers.items():
             modules[name].weight.copy_(merged_weight(layer))
+            forget_low_precision(modules[name])  # its bfloat16 copy, if any, holds the old weight (cpu_linear)
         source = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if ".lora_" not in n}
         merged = {f"{name}.weight" for name in layers}
         for name, p in self.model.named_parameters():
             if name not in merged and p is not source[name]:
                 p.copy_(source[name])
-        forget_low_precision(self.model)  # bfloat16 copies of the old weights (cpu_linear)
+                forget_low_precision(modules[name.rpartition(".")[0]])
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt | list[int]], *, n: int = 1, max_new_tokens: int = 64,
