@@ -3,6 +3,7 @@
     python -m examples.shopbot.evaluate                       # the default model, first 10 held-out requests
     python -m examples.shopbot.evaluate --model embedded --model runs/shopbot/final --limit 12
     python -m examples.shopbot.evaluate --prefix-reuse compare   # seconds per request with and without
+    python -m examples.shopbot.evaluate --drafting compare       # the same for prompt-lookup drafting
 
 For every request the agent runs against the real services (database, label service, SMTP), under
 the constrained ReAct grammar. Format-following is the share of model turns that parse as an
@@ -11,8 +12,9 @@ address, or "not found" said to a customer who does not exist). The default mode
 the demo chooses it (`app.choose_model`). With --prefix-reuse compare, each request is answered
 twice in the same run, by the same weights, once reusing the key/value cache of the prompt prefix
 read before (the system prompt, the earlier steps) and once re-reading every prompt, alternating
-which goes first; both get their own rates and seconds. Results go to --out as JSON, one entry per
-model (and mode), with every request.
+which goes first; both get their own rates and seconds. --drafting compare does the same with and
+without prompt-lookup drafting (`alignkit.models.prefix_cache`). Results go to --out as JSON, one
+entry per model (and mode), with every request.
 """
 
 from __future__ import annotations
@@ -64,17 +66,18 @@ def evaluate_model(backend, requests: list[CustomerRequest], services: ShopServi
     return summary([run_request(backend, r, services, seed, prompt) for r in tqdm(requests, desc=desc)])
 
 
-def compare_prefix_reuse(backend: LocalBackend, requests: list[CustomerRequest], services: ShopServices,
-                         seed: dict, desc: str = "eval") -> dict[str, dict]:
-    """{"reuse": ..., "no_reuse": ...}: every request answered in both modes by the same weights,
-    alternating which mode goes first, so that a change of machine load hits both alike."""
+def compare_modes(backend: LocalBackend, what: str, requests: list[CustomerRequest], services: ShopServices,
+                  seed: dict, desc: str = "eval") -> dict[str, dict]:
+    """what "prefix_reuse": {"reuse": ..., "no_reuse": ...}; what "drafting": {"drafting": ...,
+    "no_drafting": ...}. Every request answered in both modes by the same weights, alternating which
+    mode goes first, so that a change of machine load hits both alike."""
     prompt = load_prompt()
-    backends = {"reuse": backend,
-                "no_reuse": LocalBackend.from_loaded(backend.model, backend.tokenizer, backend.name,
-                                                     prefix_reuse=False)}
-    runs: dict[str, list[dict]] = {"reuse": [], "no_reuse": []}
+    on, off = ("reuse", "no_reuse") if what == "prefix_reuse" else ("drafting", "no_drafting")
+    other = {"prefix_reuse": False} if what == "prefix_reuse" else {"draft": 0}
+    backends = {on: backend, off: LocalBackend.from_loaded(backend.model, backend.tokenizer, backend.name, **other)}
+    runs: dict[str, list[dict]] = {on: [], off: []}
     for i, request in enumerate(tqdm(requests, desc=desc)):
-        for mode in (("reuse", "no_reuse") if i % 2 == 0 else ("no_reuse", "reuse")):
+        for mode in ((on, off) if i % 2 == 0 else (off, on)):
             runs[mode].append(run_request(backends[mode], request, services, seed, prompt))
     return {mode: summary(r) for mode, r in runs.items()}
 
@@ -95,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix-reuse", choices=["on", "off", "compare"], default="on",
                         help="on: reuse the key/value cache of the prompt prefix read before; off: re-read "
                              "every prompt; compare: both, request by request, in the same run.")
+    parser.add_argument("--drafting", choices=["on", "off", "compare"], default="on",
+                        help="on: draft tokens by prompt lookup in greedy replies; off: one token per forward "
+                             "pass; compare: both, request by request, in the same run.")
     parser.add_argument("--out", type=Path, default=Path("runs/shopbot/eval.json"),
                         help="Where to write the results (JSON).")
     args = parser.parse_args(argv)
@@ -108,9 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as workdir, ShopServices.start(Path(workdir), seed) as services:
         for spec in models:
-            backend = LocalBackend(spec, device="cpu", prefix_reuse=args.prefix_reuse != "off")
-            if args.prefix_reuse == "compare":
-                for mode, r in compare_prefix_reuse(backend, requests, services, seed, desc=spec).items():
+            backend = LocalBackend(spec, device="cpu", prefix_reuse=args.prefix_reuse != "off",
+                                   draft=0 if args.drafting == "off" else 8)
+            if "compare" in (args.prefix_reuse, args.drafting):
+                if args.prefix_reuse == args.drafting:
+                    raise AlignkitError("compare one thing at a time: --prefix-reuse compare or --drafting compare")
+                what = "prefix_reuse" if args.prefix_reuse == "compare" else "drafting"
+                for mode, r in compare_modes(backend, what, requests, services, seed, desc=spec).items():
                     results[f"{spec} ({mode})"] = r
                     print(line(f"{spec} ({mode.replace('_', ' ')})", r), flush=True)
             else:

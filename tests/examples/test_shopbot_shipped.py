@@ -24,7 +24,7 @@ from alignkit.errors import AlignkitError  # noqa: E402
 from examples.shopbot import app  # noqa: E402
 from examples.shopbot.app import SHIPPED_ADAPTER, CustomerRequest, ShopServices, answer, outcome  # noqa: E402
 from examples.shopbot.db import load_seed  # noqa: E402
-from examples.shopbot.evaluate import compare_prefix_reuse  # noqa: E402
+from examples.shopbot.evaluate import compare_modes  # noqa: E402
 from examples.shopbot.ship_adapter import ship  # noqa: E402
 
 SEED = load_seed()
@@ -87,18 +87,21 @@ def test_ship_writes_float16_weights_and_names_the_base_model_not_a_path(tmp_pat
     assert (tmp_path / "out" / "train_metrics.jsonl").read_text() == '{"step": 1, "loss": 1.5}\n'
 
 
-def test_compare_prefix_reuse_answers_every_request_in_both_modes_alike(tiny, services):
+@pytest.mark.parametrize("what,modes", [("prefix_reuse", ("reuse", "no_reuse")),
+                                        ("drafting", ("drafting", "no_drafting"))])
+def test_compare_modes_answers_every_request_in_both_modes_alike(tiny, services, what, modes):
     model, tokenizer = tiny
     backend = LocalBackend.from_loaded(model, tokenizer, name="tiny")
     requests = [CustomerRequest(33, "Could you help me send the umbrella back?", expected_order=1080),
                 CustomerRequest(None, "Good morning! I need to return the blender from my order.")]
-    results = compare_prefix_reuse(backend, requests, services, SEED)
-    assert set(results) == {"reuse", "no_reuse"}
-    reuse, no_reuse = results["reuse"]["runs"], results["no_reuse"]["runs"]
-    assert [r["request"] for r in reuse] == [r["request"] for r in no_reuse] == [q.question() for q in requests]
-    # Greedy decoding from the same weights: the same replies whether the prefix came from the cache or not.
-    assert [(r["turns"], r["answer"], r["prompt_tokens"]) for r in reuse] == \
-        [(r["turns"], r["answer"], r["prompt_tokens"]) for r in no_reuse]
+    results = compare_modes(backend, what, requests, services, SEED)
+    assert set(results) == set(modes)
+    on, off = results[modes[0]]["runs"], results[modes[1]]["runs"]
+    assert [r["request"] for r in on] == [r["request"] for r in off] == [q.question() for q in requests]
+    # Greedy decoding from the same weights: the same replies whether the prefix came from the cache or
+    # not, and whether tokens were drafted or not.
+    assert [(r["turns"], r["answer"], r["prompt_tokens"]) for r in on] == \
+        [(r["turns"], r["answer"], r["prompt_tokens"]) for r in off]
 
 
 def test_agent_run_says_exactly_why_the_shopbot_tools_cannot_run_there():

@@ -1,6 +1,7 @@
 """PrefixCachedDecoder on the tiny model: the scores it decodes from equal a full forward pass over the
 whole sequence (no cache), whether the prompt's prefix came from the cache or not, after cutting the
-cache back, after the cache grew, and after the weights changed."""
+cache back, after the cache grew, and after the weights changed; prompt-lookup drafting gives greedy
+decoding's own tokens in fewer passes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from alignkit.models import prefix_cache
-from alignkit.models.prefix_cache import PrefixCachedDecoder, shared_prefix_length
+from alignkit.models.prefix_cache import PrefixCachedDecoder, lookup_draft, shared_prefix_length
 
 
 class Recorder:
@@ -130,7 +131,7 @@ def test_a_grammar_is_obeyed_and_its_forced_tokens_share_one_forward_pass(model_
     from alignkit.models.constrained import lark_grammar
 
     model, tokenizer = model_and_tokenizer
-    decoder = PrefixCachedDecoder(model, tokenizer)
+    decoder = PrefixCachedDecoder(model, tokenizer, draft=0)  # one pass per drawn token (drafting: below)
     grammar = lark_grammar('start: "The quick brown fox jumps over" WORD "." \nWORD: /( [a-z]{1,6}){1,3}/')
     ids = prompt(tokenizer, "user system")
     recorder = Recorder()
@@ -144,3 +145,43 @@ def test_a_grammar_is_obeyed_and_its_forced_tokens_share_one_forward_pass(model_
         with torch.no_grad():
             reference = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
         torch.testing.assert_close(scores, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_lookup_draft_continues_the_latest_earlier_occurrence():
+    ctx = [5, 1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3]
+    assert lookup_draft(ctx, 3) == [7, 8, 4]  # the last 3 tokens occurred at 6..8 (latest) and 1..3
+    assert lookup_draft(ctx, 1) == [7]
+    assert lookup_draft([4, 2, 3, 6, 2, 3], 5) == [6, 2, 3]  # no earlier (6, 2, 3): the 2-gram (2, 3) did
+    assert lookup_draft([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert lookup_draft(ctx, 0) == []
+
+
+REPEATS = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick"
+
+
+@pytest.mark.parametrize("with_grammar", [False, True])
+def test_drafting_gives_greedy_tokens_in_fewer_passes(model_and_tokenizer, with_grammar):
+    """The same tokens with drafting as without (under a grammar too), every drawn token's scores equal a
+    full forward pass, and on a prompt that repeats itself drafts are kept and passes saved."""
+    from alignkit.models.constrained import lark_grammar
+
+    model, tokenizer = model_and_tokenizer
+    grammar = lark_grammar('start: /[a-z .]{1,200}/') if with_grammar else None
+    ids = prompt(tokenizer, REPEATS)
+    plain = PrefixCachedDecoder(model, tokenizer, draft=0)
+    drafting = PrefixCachedDecoder(model, tokenizer, draft=8)
+    expected = plain.generate(ids, max_new_tokens=30, grammar=grammar)
+    recorder = Recorder()
+    got = drafting.generate(ids, max_new_tokens=30, grammar=grammar, logits_processor=recorder)
+    assert got == expected
+    assert drafting.drafted_tokens > 0 and drafting.accepted_tokens > 0
+    assert drafting.forward_passes < plain.forward_passes
+    for seq, scores in recorder.steps:
+        with torch.no_grad():
+            reference = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+        torch.testing.assert_close(scores, reference, atol=1e-4, rtol=1e-4)
+    # The cache holds what was kept, not the rejected drafts: the next step reuses it and decodes the same.
+    longer = ids + got + prompt(tokenizer, " user")
+    assert drafting.generate(longer, max_new_tokens=10) == PrefixCachedDecoder(model, tokenizer, draft=0).generate(
+        longer, max_new_tokens=10)
+    assert drafting.reused_tokens == len(ids) + len(got) - 1

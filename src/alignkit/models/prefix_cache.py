@@ -20,6 +20,16 @@ The decode loop is the engine's (LM head on the last position only, the engine's
 it is written out here because the engine starts every batch from an empty cache.
 
 `reuse=False` re-reads every prompt from the start: the same decoding, for measuring what reuse buys.
+
+Greedy replies also draft tokens from what was read (prompt-lookup decoding, Saxena 2023; the
+n-gram case of speculative decoding, Leviathan et al. 2023): when the last tokens of prompt + reply
+occurred earlier, the tokens that followed them there are proposed (those the grammar allows), run
+through the model in the same forward pass as the next token, and kept for as long as each is the
+token greedy decoding picks at its position; the first that is not is replaced by the picked one.
+An agent's replies copy much of what it read (order ids, SQL of the worked examples, JSON keys), so
+several tokens often come from one pass. The tokens are greedy decoding's own; only the batching of
+the passes differs (up to float rounding, and on CPUs with AMX the multi-token passes' products run
+in bfloat16, `alignkit.models.cpu_linear`). `draft=0` turns it off.
 """
 
 from __future__ import annotations
@@ -36,6 +46,21 @@ MIN_CAPACITY = 1024
 """Smallest cache allocated, in tokens (46 kB per token for the embedded model in fp32)."""
 
 
+def lookup_draft(context: list[int], max_tokens: int, ngrams: tuple[int, ...] = (3, 2)) -> list[int]:
+    """Up to `max_tokens` tokens that followed the latest earlier occurrence of the context's last n
+    tokens, trying each n of `ngrams` in turn (longest first); [] when none occurred before."""
+    if max_tokens <= 0:
+        return []
+    for n in ngrams:
+        if len(context) <= n:
+            continue
+        tail = context[-n:]
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start:start + n] == tail:
+                return context[start + n:start + n + max_tokens]
+    return []
+
+
 def shared_prefix_length(cached: list[int], ids: list[int]) -> int:
     """Tokens at the start of `ids` whose keys and values `cached` already holds, leaving the last token
     of `ids` to be run (its logits give the first new token)."""
@@ -50,8 +75,8 @@ def shared_prefix_length(cached: list[int], ids: list[int]) -> int:
 class PrefixCachedDecoder:
     """Greedy or sampled decoding of a batch of one, reusing the cache of the longest prefix already read."""
 
-    def __init__(self, model, tokenizer, *, reuse: bool = True):
-        self.source, self.tokenizer, self.reuse = model, tokenizer, reuse
+    def __init__(self, model, tokenizer, *, reuse: bool = True, draft: int = 8):
+        self.source, self.tokenizer, self.reuse, self.draft = model, tokenizer, reuse, draft
         self.eos = eos_ids(tokenizer, model)
         self.cache = None
         self.capacity = 0
@@ -59,6 +84,8 @@ class PrefixCachedDecoder:
         """The tokens whose keys and values fill the cache's first len(ids) columns."""
         self._weights = None
         self.prompt_tokens = self.reused_tokens = self.forward_passes = 0
+        self.drafted_tokens = self.accepted_tokens = 0
+        """Of the last call: tokens proposed by prompt lookup, and those kept."""
 
     def _model(self):
         """The engine's generation model; the cache is emptied when it or its weights changed."""
@@ -94,16 +121,21 @@ class PrefixCachedDecoder:
         grammar allows, tokens the grammar forces are appended without drawing and run through the
         model together in one forward pass (jump-forward decoding), and the reply ends as soon as the
         grammar is complete. logits_processor(input_ids (1, T), scores (1, V)) -> scores, as in the
-        rollout engine. stop(new_ids) -> True ends the reply after the token just drawn.
+        rollout engine. stop(new_ids) -> True ends the reply after the token just drawn. Greedy
+        (temperature 0) replies draft tokens by prompt lookup (module docstring).
         """
+        from alignkit.models.cpu_linear import rows_first_linears
+
         if not ids:
             raise ValueError("the prompt is empty")
         model = self._model()
         device = next(model.parameters()).device
         keep = shared_prefix_length(self.ids, ids) if self.reuse else 0
-        self._cut(model, keep, len(ids) + max_new_tokens)
+        needed = len(ids) + max_new_tokens
+        self._cut(model, keep, needed)
         keep = len(self.ids)
         self.prompt_tokens, self.reused_tokens, self.forward_passes = len(ids), keep, 0
+        self.drafted_tokens = self.accepted_tokens = 0
         if max_new_tokens <= 0:
             return []
         new: list[int] = []
@@ -115,35 +147,56 @@ class PrefixCachedDecoder:
                 raise AlignkitError(f"the grammar's forced tokens broke it: {matcher.get_error()}")
             if matcher.is_stopped():
                 return new
-        feed = ids[keep:] + new
+        feed = ids[keep:] + new  # tokens not in the cache yet
         seeds = row_seeds(seed, 1)
-        for step in range(max_new_tokens - len(new)):
-            logits = model(input_ids=torch.tensor([feed], device=device),
-                           position_ids=torch.arange(len(self.ids), len(self.ids) + len(feed), device=device)[None],
-                           past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            self.ids.extend(feed)
-            self.forward_passes += 1
-            scores = logits.float()
-            if logits_processor is not None:
-                scores = logits_processor(torch.tensor([ids + new], device=device), scores)
-            if matcher is not None:
-                mask_scores(matcher, bitmask, scores)
-            token = sample(scores, uniforms(seeds, step).to(device), temperature, top_k, top_p)
-            new.append(int(token))
-            forced = []
-            if matcher is not None:
-                if not matcher.consume_token(new[-1]):
-                    raise AlignkitError(f"token {new[-1]} broke the grammar: {matcher.get_error()}")
-                if matcher.is_stopped():  # complete: only the end of the reply could follow
+        drafting = self.draft > 0 and temperature == 0
+        step = 0
+        with rows_first_linears(model):
+            while True:
+                draft = lookup_draft(ids + new, min(self.draft, max_new_tokens - len(new) - 1)) if drafting else []
+                if draft and matcher is not None:
+                    draft = draft[:matcher.validate_tokens(draft)]
+                run = feed + draft
+                logits = model(input_ids=torch.tensor([run], device=device),
+                               position_ids=torch.arange(len(self.ids), len(self.ids) + len(run), device=device)[None],
+                               past_key_values=self.cache, use_cache=True, logits_to_keep=len(draft) + 1).logits[0]
+                cached = len(self.ids) + len(feed)  # columns that stay: the feed, then each draft token kept
+                self.ids.extend(run)
+                self.forward_passes += 1
+                self.drafted_tokens += len(draft)
+                done, forced = False, []
+                for i in range(len(draft) + 1):  # position i predicts the token after run[len(feed) - 1 + i]
+                    scores = logits[i:i + 1].float()
+                    if logits_processor is not None:
+                        scores = logits_processor(torch.tensor([ids + new], device=device), scores)
+                    if matcher is not None:
+                        mask_scores(matcher, bitmask, scores)
+                    token = int(sample(scores, uniforms(seeds, step).to(device), temperature, top_k, top_p))
+                    step += 1
+                    new.append(token)
+                    in_cache = i < len(draft) and token == draft[i]  # the drafted token, already run
+                    cached += in_cache
+                    self.accepted_tokens += in_cache
+                    if matcher is not None:
+                        if not matcher.consume_token(token):
+                            raise AlignkitError(f"token {token} broke the grammar: {matcher.get_error()}")
+                        if matcher.is_stopped():  # complete: only the end of the reply could follow
+                            done = True
+                            break
+                        forced = matcher.compute_ff_tokens()[:max_new_tokens - len(new)]
+                        if forced and not matcher.consume_tokens(forced):
+                            raise AlignkitError(f"the grammar's forced tokens broke it: {matcher.get_error()}")
+                    if token in self.eos or (stop is not None and stop(new)) or len(new) + len(forced) >= max_new_tokens:
+                        done = True
+                        break
+                    if forced or not in_cache:  # drafts after this point no longer follow the reply
+                        break
+                self._cut(model, cached, needed)  # drop the columns of drafts not kept
+                if done:
+                    new += forced
                     break
-                forced = matcher.compute_ff_tokens()[:max_new_tokens - len(new)]
-                if forced and not matcher.consume_tokens(forced):
-                    raise AlignkitError(f"the grammar's forced tokens broke it: {matcher.get_error()}")
-            if new[-1] in self.eos or (stop is not None and stop(new)) or len(new) + len(forced) >= max_new_tokens:
+                feed = ([] if in_cache else [new[-1]]) + forced
                 new += forced
-                break
-            feed = [new[-1], *forced]
-            new += forced
         return new
 
 

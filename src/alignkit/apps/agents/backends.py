@@ -86,24 +86,27 @@ def _cancellable_streamer(tokenizer):
 class LocalBackend:
     """A model loaded by `alignkit.models.load_model`: 'embedded', an HF directory, an adapter directory, a .gguf."""
 
-    def __init__(self, model_spec: str = "embedded", *, device: str = "auto", prefix_reuse: bool = True):
+    def __init__(self, model_spec: str = "embedded", *, device: str = "auto", prefix_reuse: bool = True,
+                 draft: int = 8):
         from alignkit.models import load_model
 
         model, tokenizer = load_model(model_spec, device=device)
-        self._setup(model, tokenizer, model_spec, prefix_reuse)
+        self._setup(model, tokenizer, model_spec, prefix_reuse, draft)
 
     @classmethod
-    def from_loaded(cls, model, tokenizer, name: str = "local", *, prefix_reuse: bool = True) -> LocalBackend:
-        """Wrap a (model, tokenizer) pair that is already in memory."""
+    def from_loaded(cls, model, tokenizer, name: str = "local", *, prefix_reuse: bool = True,
+                    draft: int = 8) -> LocalBackend:
+        """Wrap a (model, tokenizer) pair that is already in memory. draft: most tokens drafted per
+        forward pass by prompt lookup in greedy replies (0: none; `alignkit.models.prefix_cache`)."""
         backend = cls.__new__(cls)
-        backend._setup(model, tokenizer, name, prefix_reuse)
+        backend._setup(model, tokenizer, name, prefix_reuse, draft)
         return backend
 
-    def _setup(self, model, tokenizer, name: str, prefix_reuse: bool) -> None:
+    def _setup(self, model, tokenizer, name: str, prefix_reuse: bool, draft: int = 8) -> None:
         from alignkit.models.prefix_cache import PrefixCachedDecoder
 
         self.name, self.model, self.tokenizer = name, model, tokenizer
-        self.decoder = PrefixCachedDecoder(model, tokenizer, reuse=prefix_reuse)
+        self.decoder = PrefixCachedDecoder(model, tokenizer, reuse=prefix_reuse, draft=draft)
         self.prompt_tokens = self.reused_tokens = 0
 
     def chat(self, messages: list[dict], *, max_tokens: int, temperature: float,
