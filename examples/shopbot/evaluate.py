@@ -73,8 +73,9 @@ def compare_modes(backend: LocalBackend, what: str, requests: list[CustomerReque
     mode goes first, so that a change of machine load hits both alike."""
     prompt = load_prompt()
     on, off = ("reuse", "no_reuse") if what == "prefix_reuse" else ("drafting", "no_drafting")
-    other = {"prefix_reuse": False} if what == "prefix_reuse" else {"draft": 0}
-    backends = {on: backend, off: LocalBackend.from_loaded(backend.model, backend.tokenizer, backend.name, **other)}
+    settings = {on: {}, off: {"prefix_reuse": False}} if what == "prefix_reuse" else {on: {"draft": 8}, off: {"draft": 0}}
+    backends = {mode: LocalBackend.from_loaded(backend.model, backend.tokenizer, backend.name, **kw) if kw else backend
+                for mode, kw in settings.items()}
     runs: dict[str, list[dict]] = {on: [], off: []}
     for i, request in enumerate(tqdm(requests, desc=desc)):
         for mode in ((on, off) if i % 2 == 0 else (off, on)):
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefix-reuse", choices=["on", "off", "compare"], default="on",
                         help="on: reuse the key/value cache of the prompt prefix read before; off: re-read "
                              "every prompt; compare: both, request by request, in the same run.")
-    parser.add_argument("--drafting", choices=["on", "off", "compare"], default="on",
+    parser.add_argument("--drafting", choices=["on", "off", "compare"], default="off",
                         help="on: draft tokens by prompt lookup in greedy replies; off: one token per forward "
                              "pass; compare: both, request by request, in the same run.")
     parser.add_argument("--out", type=Path, default=Path("runs/shopbot/eval.json"),
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as workdir, ShopServices.start(Path(workdir), seed) as services:
         for spec in models:
             backend = LocalBackend(spec, device="cpu", prefix_reuse=args.prefix_reuse != "off",
-                                   draft=0 if args.drafting == "off" else 8)
+                                   draft=8 if args.drafting == "on" else 0)
             if "compare" in (args.prefix_reuse, args.drafting):
                 if args.prefix_reuse == args.drafting:
                     raise AlignkitError("compare one thing at a time: --prefix-reuse compare or --drafting compare")

@@ -29,7 +29,8 @@ token greedy decoding picks at its position; the first that is not is replaced b
 An agent's replies copy much of what it read (order ids, SQL of the worked examples, JSON keys), so
 several tokens often come from one pass. The tokens are greedy decoding's own; only the batching of
 the passes differs (up to float rounding, and on CPUs with AMX the multi-token passes' products run
-in bfloat16, `alignkit.models.cpu_linear`). `draft=0` turns it off.
+in bfloat16, `alignkit.models.cpu_linear`). Off by default (`draft=0`): on the ShopBot it has not
+yet shown a dependable gain (README); `draft=8` turns it on.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def shared_prefix_length(cached: list[int], ids: list[int]) -> int:
 class PrefixCachedDecoder:
     """Greedy or sampled decoding of a batch of one, reusing the cache of the longest prefix already read."""
 
-    def __init__(self, model, tokenizer, *, reuse: bool = True, draft: int = 8):
+    def __init__(self, model, tokenizer, *, reuse: bool = True, draft: int = 0):
         self.source, self.tokenizer, self.reuse, self.draft = model, tokenizer, reuse, draft
         self.eos = eos_ids(tokenizer, model)
         self.cache = None
@@ -121,8 +122,8 @@ class PrefixCachedDecoder:
         grammar allows, tokens the grammar forces are appended without drawing and run through the
         model together in one forward pass (jump-forward decoding), and the reply ends as soon as the
         grammar is complete. logits_processor(input_ids (1, T), scores (1, V)) -> scores, as in the
-        rollout engine. stop(new_ids) -> True ends the reply after the token just drawn. Greedy
-        (temperature 0) replies draft tokens by prompt lookup (module docstring).
+        rollout engine. stop(new_ids) -> True ends the reply after the token just drawn. With
+        `draft` > 0, greedy (temperature 0) replies draft tokens by prompt lookup (module docstring).
         """
         from alignkit.models.cpu_linear import rows_first_linears
 

@@ -87,7 +87,7 @@ class LocalBackend:
     """A model loaded by `alignkit.models.load_model`: 'embedded', an HF directory, an adapter directory, a .gguf."""
 
     def __init__(self, model_spec: str = "embedded", *, device: str = "auto", prefix_reuse: bool = True,
-                 draft: int = 8):
+                 draft: int = 0):
         from alignkit.models import load_model
 
         model, tokenizer = load_model(model_spec, device=device)
@@ -95,14 +95,14 @@ class LocalBackend:
 
     @classmethod
     def from_loaded(cls, model, tokenizer, name: str = "local", *, prefix_reuse: bool = True,
-                    draft: int = 8) -> LocalBackend:
+                    draft: int = 0) -> LocalBackend:
         """Wrap a (model, tokenizer) pair that is already in memory. draft: most tokens drafted per
-        forward pass by prompt lookup in greedy replies (0: none; `alignkit.models.prefix_cache`)."""
+        forward pass by prompt lookup in greedy replies (0, the default: none; `alignkit.models.prefix_cache`)."""
         backend = cls.__new__(cls)
         backend._setup(model, tokenizer, name, prefix_reuse, draft)
         return backend
 
-    def _setup(self, model, tokenizer, name: str, prefix_reuse: bool, draft: int = 8) -> None:
+    def _setup(self, model, tokenizer, name: str, prefix_reuse: bool, draft: int = 0) -> None:
         from alignkit.models.prefix_cache import PrefixCachedDecoder
 
         self.name, self.model, self.tokenizer = name, model, tokenizer
