@@ -23,6 +23,11 @@ def test_rows_first_equals_f_linear(shape, out_features):
     y = rows_first_linear(layer, x)
     assert y.shape == (*shape[:-1], out_features)
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    # Row-major like F.linear's output: a transposed (W x^T)^T would send the attention that reads the
+    # query projection to torch's slow math kernel and make every reduction over the logits strided.
+    assert y.is_contiguous()
+    with torch.no_grad():
+        assert rows_first_linear(layer, x, low_precision=True).is_contiguous()
 
 
 def test_only_plain_linears_inside_the_block_are_patched():
