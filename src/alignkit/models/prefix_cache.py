@@ -218,5 +218,7 @@ def mask_scores(matcher, bitmask: torch.Tensor, scores: torch.Tensor) -> None:
     """Set the scores (1, V) of every token the grammar does not allow next to -inf, in place."""
     import llguidance.torch as llt
 
+    from alignkit.models.constrained import apply_bitmask
+
     llt.fill_next_token_bitmask(matcher, bitmask, 0)
-    llt.apply_token_bitmask_inplace(scores, bitmask.to(scores.device))
+    apply_bitmask(scores, bitmask)

@@ -124,3 +124,22 @@ def test_generate_command_with_regex_and_json_schema(tiny_model_dir, tmp_path):
             assert json.loads(json.loads(line)["completion"])["size"] in ("small", "large")
     both = runner.invoke(app, base + ["--regex", "a", "--json-schema", str(schema)])
     assert isinstance(both.exception, AlignkitError) and "not both" in str(both.exception)  # main() exits 2
+
+
+@pytest.mark.parametrize("vocab", [5, 32, 33, 300])
+def test_apply_bitmask_equals_llguidance_kernel(vocab):
+    """Our eager unpacking of the token bitmask masks exactly what llguidance's compiled kernel masks
+    (random bits, a vocabulary that is and is not a multiple of 32, words with the sign bit set)."""
+    import llguidance.torch as llt
+
+    from alignkit.models.constrained import apply_bitmask
+
+    gen = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, words), generator=gen, dtype=torch.int64).to(torch.int32)
+    scores = torch.randn(3, vocab, generator=gen)
+    ours, theirs = scores.clone(), scores.clone()
+    apply_bitmask(ours, bitmask)
+    llt.apply_token_bitmask_inplace(theirs, bitmask)
+    assert torch.equal(ours, theirs)
+    assert torch.isinf(ours).any() and torch.isfinite(ours).any()
