@@ -7,6 +7,7 @@ the settings here are the single place where "the same work" is written down.
 from __future__ import annotations
 
 import json
+import os
 import resource
 from pathlib import Path
 
@@ -24,6 +25,10 @@ LEARNING_RATE = 1e-4
 KL_COEF = 0.05  # alignkit kl_coef, TRL PPO kl_coef and TRL GRPO beta: the KL term is on for every side
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 SEED = 0
+# "float32" (default) or "bfloat16" for every side, set by bench_ppo.py --dtype through the environment:
+# alignkit's `dtype: bfloat16` (the frozen base's products in bfloat16 on the CPU) and TRL's `bf16=True`
+# (its own default: autocast to bfloat16).
+DTYPE = os.environ.get("ALIGNKIT_BENCH_DTYPE", "float32")
 
 
 def load_prompts() -> list[str]:

@@ -32,8 +32,9 @@ def run(model_dir: str, steps: int, workdir: Path) -> dict:
     n = common.COMPLETIONS_PER_STEP
     args = GRPOConfig(
         output_dir=str(workdir / "trl-grpo"), report_to="none", save_strategy="no", use_cpu=True,
-        # alignkit trains in float32 without activation checkpointing; TRL defaults to both otherwise.
-        bf16=False, gradient_checkpointing=False,
+        # float32 (or bfloat16 autocast with --dtype bfloat16) without activation checkpointing, as
+        # alignkit trains; TRL defaults to bfloat16 and checkpointing otherwise.
+        bf16=common.DTYPE == "bfloat16", gradient_checkpointing=False,
         num_generations=n, per_device_train_batch_size=n, gradient_accumulation_steps=1, num_iterations=1,
         max_completion_length=common.MAX_NEW_TOKENS, temperature=common.TEMPERATURE, top_p=1.0,
         beta=common.KL_COEF, learning_rate=common.LEARNING_RATE, lr_scheduler_type="constant",

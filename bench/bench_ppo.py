@@ -15,7 +15,8 @@ Sides, each run in a fresh process, one after the other:
 
 The same for every side: the shipped shop prompts, the reward configs/judge_safety.yaml (the same
 Python function is called), 8 completions per step of at most 32 new tokens sampled at temperature
-1, LoRA r 8 / alpha 16 on q,k,v,o, float32, one optimisation pass over the 8 completions per step
+1, LoRA r 8 / alpha 16 on q,k,v,o, float32 (--dtype bfloat16: alignkit's `dtype: bfloat16`, the frozen
+base's products in bfloat16, against TRL's `bf16=True`, autocast), one optimisation pass over the 8 completions per step
 (one batch, no accumulation), KL to the adapter-disabled base on. Not the same, by design of the
 algorithms: PPO scores 8 prompts once each, learns a value head and uses GAE advantages (with one
 epoch and one minibatch, as here, its update reuses the rollout's forward pass for the old log-probs
@@ -75,7 +76,7 @@ def alignkit_config(cls, model_dir: str, steps: int, workdir: Path, name: str, *
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps({
         "model": model_dir, "data": {"prompts": str(common.PROMPTS_FILE)}, "reward": str(common.JUDGE_FILE),
-        "output_dir": str(workdir), "run_name": name, "device": "cpu", "dtype": "float32",
+        "output_dir": str(workdir), "run_name": name, "device": "cpu", "dtype": common.DTYPE,
         "lora": common.LORA, "learning_rate": common.LEARNING_RATE, "lr_scheduler": "constant",
         "max_new_tokens": common.MAX_NEW_TOKENS, "temperature": common.TEMPERATURE, "kl_coef": common.KL_COEF,
         "max_steps": steps + 1, "save_every": 1_000_000, "keep_checkpoints": 1, "seed": common.SEED, **recipe}))
@@ -127,10 +128,11 @@ def child(side: str, model_dir: str, steps: int, threads: int, out: Path) -> Non
 
 
 def run_side(side: str, model_dir: str, steps: int, threads: int, workdir: Path,
-             trl_ppo_path: str | None, wait_policy: str = "passive") -> dict | str:
+             trl_ppo_path: str | None, wait_policy: str = "passive", dtype: str = "float32") -> dict | str:
     """The side's result, or why it did not run. A fresh process each, so peak memory is its own."""
     out_dir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=workdir))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
+           "ALIGNKIT_BENCH_DTYPE": dtype}
     # OpenMP threads that spin while waiting for each other lose their time slices to every other
     # process on a busy machine: on a loaded 2-core CPU one forward pass of the embedded model took
     # 20.4 s spinning and 5.5 s passive. Passive waiting, the same for every side, keeps the
@@ -224,6 +226,9 @@ def main() -> None:
     ap.add_argument("--omp-wait-policy", choices=["passive", "default"], default="passive",
                     help="passive (default: fair on a machine shared with other jobs) or OpenMP's default "
                          "(a quiet machine, as users run)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="float32 (default) for every side, or bfloat16: alignkit's dtype bfloat16 (frozen base "
+                         "products in bfloat16 on the CPU) against TRL's bf16=True (autocast)")
     ap.add_argument("--sides", default=",".join(SIDES),
                     help=f"comma-separated sides to run (default all: {','.join(SIDES)})")
     ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: one side, in a child
@@ -247,7 +252,7 @@ def main() -> None:
           f"{common.COMPLETIONS_PER_STEP} completions x <= {common.MAX_NEW_TOKENS} new tokens per step, "
           f"LoRA r={common.LORA['r']} on {common.LORA['target_modules']}; {steps} measured steps + 1 warm-up; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine may be shared: read ratios); "
-          f"OpenMP wait policy: {args.omp_wait_policy}")
+          f"OpenMP wait policy: {args.omp_wait_policy}; dtype: {args.dtype}")
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             if model == "tiny":
@@ -267,7 +272,7 @@ def main() -> None:
                     print(f"{model}: {name}" + (f", round {round_ + 1}/{args.rounds}" if args.rounds > 1 else "")
                           + " ...", flush=True)
                     runs[side].append(run_side(side, model_dir, steps, args.threads, workdir, args.trl_ppo_path,
-                                                   args.omp_wait_policy))
+                                                   args.omp_wait_policy, args.dtype))
             results = {side: median_result(r) for side, r in runs.items()}
             for ours, peers, target in TABLES:
                 print_table(model, results, args.rounds, ours, peers, target)

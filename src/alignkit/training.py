@@ -35,8 +35,23 @@ def load_trainable(cfg: TrainSettings, device):
             raise AlignkitError(f"model '{cfg.model}' is an adapter; full fine-tuning needs a full model "
                                 "(merge it first: alignkit models merge)")
         model.requires_grad_(True)
+    if torch.device(device).type == "cpu" and cfg.dtype == "bfloat16":
+        bf16_frozen_products(model)
     model.train()
     return model, tokenizer
+
+
+def bf16_frozen_products(model) -> None:
+    """`dtype: bfloat16` on a CPU: the frozen weights' products in bfloat16 (models.cpu_linear), the
+    trainable weights, attention, norms and the loss in float32. Worth it where the CPU multiplies
+    bfloat16 on AMX tiles; elsewhere it is slower than float32, and said so."""
+    from alignkit.models.cpu_linear import cpu_has_amx_bf16, frozen_products_in_bf16
+
+    if frozen_products_in_bf16(model) == 0:
+        print("dtype bfloat16: no frozen linear layer to multiply in bfloat16 (full fine-tuning trains in float32)")
+    elif not cpu_has_amx_bf16():
+        print("dtype bfloat16: this CPU has no AMX bfloat16 tiles, so its bfloat16 products run slower than "
+              "float32 (dtype float32 or auto is faster here)")
 
 
 def open_run_dir(cfg: TrainSettings, prefix: str, resume: Path | None, overwrite: bool, accelerator) -> Path:

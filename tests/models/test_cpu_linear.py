@@ -166,3 +166,60 @@ def test_engine_in_bfloat16_sees_the_policy_after_sync(tiny_model_dir, monkeypat
     for a, b in zip(after.logprobs, fresh.logprobs):
         torch.testing.assert_close(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(after.logprobs, before.logprobs))
+
+
+def test_frozen_products_in_bfloat16_forward_and_input_gradient():
+    """A frozen layer's product is the bfloat16-rounded operands' product (forward), and the gradient
+    reaching its input is the bfloat16 product of the rounded upstream gradient and weight; a
+    trainable layer keeps float32."""
+    torch.manual_seed(0)
+    frozen, trainable = torch.nn.Linear(24, 40), torch.nn.Linear(24, 40)
+    frozen.requires_grad_(False)
+    model = torch.nn.Sequential(frozen, trainable)
+    assert cpu_linear.frozen_products_in_bf16(model) == 1
+    assert cpu_linear.is_frozen_product_patch(frozen) and not cpu_linear.is_frozen_product_patch(trainable)
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    y = frozen(x)
+    w16 = frozen.weight.bfloat16().float()
+    rounded = x.detach().bfloat16().float() @ w16.t()
+    assert y.shape == (2, 3, 40)
+    assert ((y - frozen.bias) - rounded).abs().le(BF16_EPS * rounded.abs() + 1e-6).all()
+    assert (y - F.linear(x, frozen.weight, frozen.bias)).abs().max() > 1e-6  # not the float32 product
+    g = torch.randn(2, 3, 40)
+    y.backward(g)
+    expected = g.bfloat16().float() @ w16
+    assert (x.grad - expected).abs().le(BF16_EPS * expected.abs() + 1e-5).all()
+    x2 = torch.randn(5, 24)
+    torch.testing.assert_close(trainable(x2), F.linear(x2, trainable.weight, trainable.bias))
+
+
+def test_bfloat16_training_dtype_patches_the_frozen_base_only(tiny_model_dir, monkeypatch):
+    """`dtype: bfloat16` on a CPU: LoRA's frozen base layers multiply in bfloat16, the adapters do not;
+    LoRA gradients stay close to float32's; the rollout engine's copy carries no trainer patch and
+    decodes the same tokens as an engine built from the unpatched policy."""
+    from alignkit.config import SFTConfig
+    from alignkit.training import load_trainable
+
+    def load(dtype):
+        cfg = SFTConfig.model_validate({"model": str(tiny_model_dir), "dtype": dtype,
+                                        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                                        "data": {"train": "unused.jsonl"}})
+        torch.manual_seed(0)
+        return load_trainable(cfg, torch.device("cpu"))
+
+    (fast, tok), (exact, _) = load("bfloat16"), load("float32")
+    patched = [n for n, m in fast.named_modules() if cpu_linear.is_frozen_product_patch(m)]
+    assert patched and all("lora_" not in n for n in patched) and any("base_layer" in n for n in patched)
+    assert not any(cpu_linear.is_frozen_product_patch(m) for m in exact.modules())
+    ids = torch.tensor([tok("Where is my order? I paid last week and nothing came.")["input_ids"]])
+    grads = []
+    for model in (fast, exact):
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None]))
+    assert grads[0].shape == grads[1].shape and not torch.equal(grads[0], grads[1])
+    assert (grads[0] - grads[1]).norm() <= 0.05 * grads[1].norm()
+    engine = RolloutEngine(fast, tok)
+    assert not any(cpu_linear.is_frozen_product_patch(m) for m in engine.model.modules())
+    prompts = [f"Where is order {i}?" for i in range(3)]
+    same = RolloutEngine(exact, tok).generate(prompts, max_new_tokens=6, temperature=0.0)
+    assert engine.generate(prompts, max_new_tokens=6, temperature=0.0).tokens == same.tokens

@@ -73,7 +73,8 @@ def low_precision_weight(module: torch.nn.Linear) -> torch.Tensor:
     stamp = (w.data_ptr(), None if w.is_inference() else w._version)
     kept = module.__dict__.get("_bf16_weight")
     if kept is None or kept[0] != stamp:
-        kept = module.__dict__["_bf16_weight"] = (stamp, w.detach().to(torch.bfloat16))
+        with torch.inference_mode(False):  # a normal tensor, so a training pass may save it for backward
+            kept = module.__dict__["_bf16_weight"] = (stamp, w.detach().to(torch.bfloat16))
     return kept[1]
 
 
@@ -123,3 +124,38 @@ def rows_first_linears(model: torch.nn.Module, precision: str | None = None):
     finally:
         for m in patched:
             del m.forward
+
+
+def frozen_linear_bf16(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for training with a frozen weight: the product in bfloat16 on the kept bfloat16 copy of
+    W, summed in float32 and handed back in float32, differentiable in x (the input's gradient is a
+    bfloat16 product too). A weight that requires grad, or an input that is not float32 on the CPU,
+    takes F.linear."""
+    w = module.weight
+    if w.requires_grad or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
+        return F.linear(x, w, module.bias)
+    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # 2-D: a 3-D bfloat16 input took a batched path
+    y = F.linear(flat, low_precision_weight(module)).to(torch.float32)
+    if module.bias is not None:
+        y = y + module.bias
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def frozen_products_in_bf16(model: torch.nn.Module) -> int:
+    """From now on, every plain nn.Linear of `model` whose weight is frozen (LoRA's base layers, a tied
+    LM head) computes through `frozen_linear_bf16`: a training recipe's `dtype: bfloat16` on a CPU.
+    Trainable weights (LoRA's A and B, heads, full fine-tuning), attention, norms and the loss stay
+    float32, as with QLoRA's frozen base. Returns how many layers it patched. The rollout engine's
+    generation copy drops these patches (models.rollout.generation_copy) and decodes through
+    `rows_first_linears` instead."""
+    patched = 0
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and not m.weight.requires_grad and "forward" not in m.__dict__:
+            m.forward = partial(frozen_linear_bf16, m)
+            patched += 1
+    return patched
+
+
+def is_frozen_product_patch(module: torch.nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, partial) and forward.func is frozen_linear_bf16

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from alignkit.models.cpu_linear import forget_low_precision, rows_first_linears
+from alignkit.models.cpu_linear import forget_low_precision, is_frozen_product_patch, rows_first_linears
 from alignkit.models.generation import Generation, Prompt, eos_ids, left_pad, render_prompt
 from alignkit.models.sampling import row_seeds, sample, uniforms
 
@@ -64,7 +64,13 @@ def generation_copy(policy) -> torch.nn.Module:
     merged weight (new tensors), trainable tensors cloned, frozen tensors and buffers shared."""
     base = plain_model(policy)
     shared = {id(t): t for t in [*base.parameters(), *base.buffers()] if not t.requires_grad}
+    for m in base.modules():  # kept bfloat16 weight copies (models.cpu_linear) serve both models
+        if "_bf16_weight" in m.__dict__:
+            shared[id(m.__dict__["_bf16_weight"])] = m.__dict__["_bf16_weight"]
     gen = copy.deepcopy(base, shared)
+    for m in gen.modules():  # a trainer's bfloat16 product patch: the copy decodes through cpu_linear
+        if is_frozen_product_patch(m):
+            del m.forward
     for name, layer in lora_layers(gen).items():
         parent, _, child = name.rpartition(".")
         plain = layer.get_base_layer()  # the copy's own module, still holding the shared base weight
