@@ -8,6 +8,9 @@ Sides, each run in a fresh process, one after the other:
   alignkit PPO              the recipe, rollouts on the rollout engine
   alignkit PPO, plain gen.  the same recipe with rollouts from transformers' `model.generate` on the
                             PEFT-wrapped policy, as before the engine: PPO before/after in one run
+  alignkit PPO, older code  the PPO side of an older checkout of this repository (--before DIR, e.g. a
+                            `git worktree` of the commit before the rollout engine), its own bench
+                            script and sources, same settings: the whole step before/after in one run
   alignkit GRPO             the GRPO recipe: 1 prompt x 8 completions per step, as TRL's GRPO below
   TRL 1.16 GRPOTrainer      TRL's current online trainer (TRL dropped PPO after 1.10)
   TRL 1.10 PPOTrainer       `trl.experimental.ppo`; it needs a TRL 1.10 installed apart from 1.16, e.g.
@@ -51,10 +54,11 @@ sys.path.insert(0, str(BENCH))
 
 import _ppo_common as common  # the helper modules live beside this script
 
-SIDES = {"alignkit": "alignkit PPO", "alignkit-plain": "PPO, plain gen.", "alignkit-grpo": "alignkit GRPO",
-         "trl-grpo": "TRL 1.16 GRPO", "trl-ppo": "TRL 1.10 PPO"}
+SIDES = {"alignkit": "alignkit PPO", "alignkit-plain": "PPO, plain gen.", "alignkit-before": "PPO, older code",
+         "alignkit-grpo": "alignkit GRPO", "trl-grpo": "TRL 1.16 GRPO", "trl-ppo": "TRL 1.10 PPO"}
 # Which side each table compares with which: (ours, peers, target ratio of completion tokens/s or None)
-TABLES = [("alignkit", ["alignkit-plain", "trl-ppo", "trl-grpo"], None), ("alignkit-grpo", ["trl-grpo"], 2.0)]
+TABLES = [("alignkit", ["alignkit-plain", "alignkit-before", "trl-ppo", "trl-grpo"], None),
+          ("alignkit-grpo", ["trl-grpo"], 2.0)]
 
 
 def from_metrics(name: str, run_dir: Path, n: int) -> dict:
@@ -128,7 +132,8 @@ def child(side: str, model_dir: str, steps: int, threads: int, out: Path) -> Non
 
 
 def run_side(side: str, model_dir: str, steps: int, threads: int, workdir: Path,
-             trl_ppo_path: str | None, wait_policy: str = "passive", dtype: str = "float32") -> dict | str:
+             trl_ppo_path: str | None, wait_policy: str = "passive", dtype: str = "float32",
+             before: str | None = None) -> dict | str:
     """The side's result, or why it did not run. A fresh process each, so peak memory is its own."""
     out_dir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=workdir))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
@@ -141,12 +146,18 @@ def run_side(side: str, model_dir: str, steps: int, threads: int, workdir: Path,
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     else:  # OpenMP's default (spin a while, then sleep), as a user's run gets it
         env.pop("OMP_WAIT_POLICY", None)
+    cmd_side, script = side, Path(__file__).resolve()
+    if side == "alignkit-before":
+        if not before:
+            return "not run: give --before DIR (an older checkout of this repository)"
+        cmd_side, script = "alignkit", Path(before).resolve() / "bench" / "bench_ppo.py"
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(before).resolve() / "src"), env.get("PYTHONPATH", "")])
     if side == "trl-ppo":
         if not trl_ppo_path:
             return "not run: give --trl-ppo-path (a TRL 1.10 installed apart; 1.16 has no PPO)"
         env["PYTHONPATH"] = os.pathsep.join([trl_ppo_path, env.get("PYTHONPATH", "")])
     log = out_dir / "log.txt"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--model-dir", model_dir,
+    cmd = [sys.executable, str(script), "--side", cmd_side, "--model-dir", model_dir,
            "--steps", str(steps), "--threads", str(threads), "--result", str(out_dir / "result.json")]
     with log.open("w") as f:
         proc = subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -226,6 +237,9 @@ def main() -> None:
     ap.add_argument("--omp-wait-policy", choices=["passive", "default"], default="passive",
                     help="passive (default: fair on a machine shared with other jobs) or OpenMP's default "
                          "(a quiet machine, as users run)")
+    ap.add_argument("--before", default=None,
+                    help="an older checkout of this repository whose PPO side runs as 'alignkit-before' "
+                         "(e.g. git worktree add /tmp/before COMMIT); without it that side is skipped")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="float32 (default) for every side, or bfloat16: alignkit's dtype bfloat16 (frozen base "
                          "products in bfloat16 on the CPU) against TRL's bf16=True (autocast)")
@@ -272,7 +286,7 @@ def main() -> None:
                     print(f"{model}: {name}" + (f", round {round_ + 1}/{args.rounds}" if args.rounds > 1 else "")
                           + " ...", flush=True)
                     runs[side].append(run_side(side, model_dir, steps, args.threads, workdir, args.trl_ppo_path,
-                                                   args.omp_wait_policy, args.dtype))
+                                                   args.omp_wait_policy, args.dtype, args.before))
             results = {side: median_result(r) for side, r in runs.items()}
             for ours, peers, target in TABLES:
                 print_table(model, results, args.rounds, ours, peers, target)
