@@ -55,10 +55,13 @@ demo: $(STAMP)
 	$(BIN)/alignkit train ppo --config configs/demo/ppo.yaml --overwrite
 	@echo "== 7/8 [$$(date +%T)] DPO on the same pairs, for comparison"
 	$(BIN)/alignkit train dpo --config configs/demo/dpo.yaml --overwrite
-	@echo "== 8/8 [$$(date +%T)] evaluate base, GRPO, PPO and DPO on the 120 held-out prompts with the gold labeler"
+	@echo "== 8/8 [$$(date +%T)] evaluate base, GRPO, PPO and DPO on the 120 held-out prompts with the gold labeler;"
+	@echo "   the demo's targets are checked last (--expect): a missed one ends make demo with an error"
 	$(BIN)/alignkit eval --models before=embedded,grpo=$(DEMO)/grpo/final,ppo=$(DEMO)/ppo/final,dpo=$(DEMO)/dpo/final \
 		--prompts $(EXAMPLES)/service_heldout.txt --reward $(DEMO)/rm --judge configs/demo/gold_judge.yaml \
-		--tie-margin 0.05 --max-new-tokens 48 --batch-size 60 --restart --out $(DEMO)/report
+		--tie-margin 0.05 --max-new-tokens 48 --batch-size 60 --restart --out $(DEMO)/report \
+		--expect 'grpo.win_rate_vs_before>=0.70' --expect 'grpo.win_rate_ci95_low>0.5' \
+		--expect 'grpo.toxicity_mean<=before.toxicity_mean' --expect 'grpo.relevance_mean>=before.relevance_mean'
 	@echo "== done [$$(date +%T)]: the table above; the report is $(DEMO)/report/report.md (and report.html)"
 
 test: $(STAMP)

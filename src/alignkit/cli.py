@@ -336,6 +336,10 @@ def eval_models(
                                                    "about 64, and holds more memory."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     restart: bool = RESTART_OPT,
+    expect: Optional[List[str]] = typer.Option(
+        None, help="A figure the run must reach, e.g. 'after.win_rate_vs_before>=0.7' or "
+                   "'after.toxicity_mean<=before.toxicity_mean' (repeatable). The report is written either way; "
+                   "a missed expectation exits with status 1."),
 ):
     """Compare models on held-out prompts: reward, KL to the base (adapters), toxicity (mean and share
     above 0.5), sentiment, length, distinct-2, and win rate by an independent judge; write a report.
@@ -351,6 +355,7 @@ def eval_models(
              --prompts held_out.txt --reward runs/rm --judge configs/judge_safety.yaml --out runs/report
     """
     from alignkit.data.prompts import load_prompts
+    from alignkit.evaluate import expect as expectations
     from alignkit.evaluate.compare import evaluate_models
     from alignkit.evaluate.completion_cache import CompletionCache
     from alignkit.evaluate.rewards import load_reward
@@ -359,6 +364,8 @@ def eval_models(
     pairs = [item.split("=", 1) for item in models.split(",") if item]
     if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
         raise AlignkitError(f"--models: expected name=model[,name=model...], got {models!r}")
+    wanted = [expectations.parse(e) for e in expect or []]  # bad syntax fails before any generation
+    expectations.check(wanted, {name: {} for name, _ in pairs})  # and so does an unknown model name
     reward_fn = load_reward(reward, device)[0] if reward else None
     judge_fn = None
     if judge is not None:
@@ -380,6 +387,13 @@ def eval_models(
             "judge": str(judge) if judge else None, "max_new_tokens": max_new_tokens, "tie_margin": tie_margin}
     write_report(out, reports, prompt_list, dict(pairs), meta, samples=samples)
     print(f"report: {out / 'report.html'} (also report.md, metrics.json and plots)")
+    results = expectations.check(wanted, {r.name: r.metrics for r in reports})
+    for e, met, compared in results:
+        print(f"expect {e.text}: {compared}: {'met' if met else 'MISSED'}")
+    missed = [e.text for e, met, _ in results if not met]
+    if missed:
+        print(f"{len(missed)} of {len(results)} expectation(s) missed: {'; '.join(missed)}", file=sys.stderr)
+        raise typer.Exit(1)
 
 
 def _reward_dir(model: Path) -> Path:

@@ -46,6 +46,26 @@ def test_eval_reports_every_metric_for_every_model(tmp_path, tiny_model_dir):
     assert "toxicity_mean" in result.output and "win_rate_vs_before" in result.output
 
 
+def test_eval_expectations_set_the_exit_status(tmp_path, tiny_model_dir):
+    """A met expectation exits 0; a missed one writes the report and exits 1, naming it; a bad one fails
+    before anything is generated."""
+    prompts = tmp_path / "held_out.txt"
+    prompts.write_text("Where is my order?\nHi\n")
+    common = ["eval", "--models", f"before={tiny_model_dir},same={tiny_model_dir}", "--prompts", str(prompts),
+              "--max-new-tokens", "4", "--device", "cpu"]
+    met = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "r1"),
+                                   "--expect", "same.toxicity_mean<=before.toxicity_mean"])
+    assert met.exit_code == 0, met.output
+    assert "expect same.toxicity_mean<=before.toxicity_mean" in met.output and ": met" in met.output
+    missed = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "r2"), "--expect", "same.response_tokens>=99",
+                                      "--expect", "same.toxicity_mean<=before.toxicity_mean"])
+    assert missed.exit_code == 1
+    assert "MISSED" in missed.output and (tmp_path / "r2" / "metrics.json").exists()
+    bad = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "r3"), "--expect", "sane.toxicity_mean<=1"])
+    assert bad.exit_code != 0 and "no model named 'sane'" in str(bad.exception)
+    assert not (tmp_path / "r3").exists()
+
+
 def test_eval_rejects_a_bad_models_list(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hi\n")
