@@ -239,7 +239,7 @@ def main() -> None:
                          "(a quiet machine, as users run)")
     ap.add_argument("--before", default=None,
                     help="an older checkout of this repository whose PPO side runs as 'alignkit-before' "
-                         "(e.g. git worktree add /tmp/before COMMIT); without it that side is skipped")
+                         "(e.g. git worktree add ../alignkit-before COMMIT); without it that side is skipped")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="float32 (default) for every side, or bfloat16: alignkit's dtype bfloat16 (frozen base "
                          "products in bfloat16 on the CPU) against TRL's bf16=True (autocast)")
