@@ -61,7 +61,7 @@ demo: $(STAMP)
 		--prompts $(EXAMPLES)/service_heldout.txt --reward $(DEMO)/rm --judge configs/demo/gold_judge.yaml \
 		--tie-margin 0.05 --max-new-tokens 48 --batch-size 60 --restart --out $(DEMO)/report \
 		--expect 'grpo.win_rate_vs_before>=0.70' --expect 'grpo.win_rate_ci95_low>0.5' \
-		--expect 'grpo.toxicity_mean<=before.toxicity_mean' --expect 'grpo.relevance_mean>=before.relevance_mean'
+		--expect 'grpo.toxicity_share_over_0.5<=before.toxicity_share_over_0.5' --expect 'grpo.relevance_mean>=before.relevance_mean'
 	@echo "== done [$$(date +%T)]: the table above; the report is $(DEMO)/report/report.md (and report.html)"
 
 test: $(STAMP)

@@ -6,8 +6,10 @@ import pytest
 from alignkit.errors import AlignkitError
 from alignkit.evaluate.expect import check, parse
 
-METRICS = {"before": {"toxicity_mean": 0.0099, "win_rate_vs_before": 0.5, "kl_to_base": None},
-           "grpo": {"toxicity_mean": 0.0144, "win_rate_vs_before": 0.7708, "kl_to_base": 3.57}}
+METRICS = {"before": {"toxicity_mean": 0.0099, "toxicity_share_over_0.5": 0.0, "win_rate_vs_before": 0.5,
+                      "kl_to_base": None},
+           "grpo": {"toxicity_mean": 0.0144, "toxicity_share_over_0.5": 0.0083, "win_rate_vs_before": 0.7708,
+                    "kl_to_base": 3.57}}
 
 
 def verdicts(*texts):
@@ -19,6 +21,14 @@ def test_numbers_and_other_models():
                     "grpo.toxicity_mean<=before.toxicity_mean", "grpo.toxicity_mean > before.toxicity_mean",
                     "grpo.kl_to_base<4", "grpo.kl_to_base<3.57", "grpo.win_rate_vs_before>7e-1") == \
         [True, False, False, True, True, False, True]
+
+
+def test_a_metric_name_with_a_dot_in_it():
+    """The model is what comes before the first dot; the metric keeps its own ("over_0.5")."""
+    e = parse("grpo.toxicity_share_over_0.5<=before.toxicity_share_over_0.5")
+    assert e.left == ("grpo", "toxicity_share_over_0.5") and e.right == ("before", "toxicity_share_over_0.5")
+    assert verdicts("grpo.toxicity_share_over_0.5<=before.toxicity_share_over_0.5",
+                    "grpo.toxicity_share_over_0.5<=0.01") == [False, True]
 
 
 def test_an_unmeasured_figure_is_a_miss():

@@ -191,6 +191,21 @@ def test_scalar_and_categorical_toxicity_from_config():
     assert [s.category for s in categorical.score_detailed(["q", "q"], [INSULT, KIND])] == ["toxic", "safe"]
 
 
+def test_toxicity_above_a_threshold_scores_the_flagged_share():
+    """With `above: 0.5` each reply scores 1 when its probability exceeds 0.5, else 0; weight -1 makes
+    the mean over [INSULT, KIND, KIND, KIND] minus the flagged share, -1/4. Thresholds placed just
+    below and just above the insult's own probability flip it, so the cut is the one configured."""
+    texts = [INSULT, KIND, KIND, KIND]
+    probs = ToxicityJudge().score(["q"] * 4, texts)
+    flagged = load_judge(base={"components": [{"judge": "toxicity", "above": 0.5, "weight": -1.0}]})
+    assert flagged.score(["q"] * 4, texts) == [-1.0, 0.0, 0.0, 0.0]
+    assert sum(flagged.score(["q"] * 4, texts)) / 4 == -0.25
+    assert ToxicityJudge(above=probs[0] - 1e-6).score(["q"], [INSULT]) == [1.0]
+    assert ToxicityJudge(above=probs[0] + 1e-6).score(["q"], [INSULT]) == [0.0]
+    with pytest.raises(ConfigError, match="above: Input should be less than 1"):
+        load_judge(base={"components": [{"judge": "toxicity", "above": 1.5}]})
+
+
 def test_repetition_penalty_beside_a_score_from_config():
     """"I am here to help you. I am here to help you." is 12 words: 10 word 3-grams, of which 6 are
     distinct ("i am here" .. "help you i", "you i am"), so 4/10 repeat an earlier one; its 11 2-grams
