@@ -8,7 +8,7 @@ import torch
 from alignkit.models import ScalarHeadModel, load_model
 from alignkit.models.generation import left_pad, tail_mask
 from alignkit.models.lora import attach_lora
-from alignkit.models.shared_prefix import forward_shared, split_shared_prefix
+from alignkit.models.shared_prefix import forward_shared, repeat_cache_rows, repeat_rows, split_shared_prefix
 from alignkit.online import Rollout, rollout_logprobs, tail_logprobs
 
 
@@ -163,3 +163,48 @@ def test_forward_shared_returns_the_tail_pass(lora_model):
     split = split_shared_prefix(rows, groups, [n - 1 for n in prompt_len], tok.pad_token_id, "cpu")
     out = forward_shared(model, split, logits_to_keep=2)
     assert out.logits.shape[:2] == (3, 2)
+
+
+def test_repeat_rows_is_indexing_with_a_fixed_order_backward():
+    """repeat_rows(x, index) is x[index] bit for bit; its gradient is each source row's summed output
+    gradients, the same as indexing's up to rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 5, 4, generator=g, requires_grad=True)
+    index = torch.tensor([0, 0, 2, 1, 2, 2])
+    out = repeat_rows(x, index)
+    assert torch.equal(out, x[index])
+    upstream = torch.randn(out.shape, generator=g)
+    (gx,) = torch.autograd.grad((out * upstream).sum(), x)
+    (gi,) = torch.autograd.grad((x[index] * upstream).sum(), x)
+    torch.testing.assert_close(gx, gi, atol=1e-6, rtol=1e-6)
+    assert torch.equal(gx[1], upstream[3])  # a row read once gets exactly its one gradient
+
+
+def _prefix_gradients(select, passes=30):
+    """Gradients of one prefix cache (the embedded model's shapes: 3 key/value heads of 64, a 44-token
+    prompt) read by 32 rows, through `select(cache, index)`, over repeated backward passes."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 3, 44, 64, generator=g, requires_grad=True)
+    values = torch.randn(1, 3, 44, 64, generator=g, requires_grad=True)
+    upstream = torch.randn(32, 3, 44, 64, generator=g)
+    out = []
+    for _ in range(passes):
+        cache = DynamicCache()
+        cache.update(keys, values, 0)
+        select(cache, torch.zeros(32, dtype=torch.long))
+        layer = cache.layers[0]
+        out.append(torch.autograd.grad(((layer.keys + 2 * layer.values) * upstream).sum(), (keys, values)))
+    return out
+
+
+def test_gradients_through_the_repeated_prefix_cache_repeat_bit_for_bit():
+    """The prefix cache's gradients are the same in every pass. With transformers' batch_select_indices
+    (advanced indexing, whose CPU backward accumulates the 32 rows in a thread-dependent order) they
+    differed in the sixth digit from pass to pass, and seeded GRPO runs parted after a few steps."""
+    first, *rest = _prefix_gradients(repeat_cache_rows)
+    for grads_ in rest:
+        assert all(torch.equal(a, b) for a, b in zip(grads_, first))
+    torch.testing.assert_close(first[0], _prefix_gradients(lambda c, i: c.batch_select_indices(i), 1)[0][0])
+

@@ -75,7 +75,29 @@ def forward_shared(model, split: PrefixSplit, **kwargs):
     prefix_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in kwargs else {}  # prefix logits are unused
     cache = model(input_ids=split.prefix_ids, attention_mask=split.prefix_mask, position_ids=prefix_pos,
                   use_cache=True, **prefix_kwargs).past_key_values
-    cache.batch_select_indices(split.row_group)  # each row reads its group's prefix (differentiable)
+    repeat_cache_rows(cache, split.row_group)  # each row reads its group's prefix (differentiable)
     mask = torch.cat([split.prefix_mask[split.row_group], split.tail_mask], dim=1)
     return model(input_ids=split.tail_ids, attention_mask=mask, position_ids=split.tail_pos.clamp(min=0),
                  past_key_values=cache, use_cache=True, **kwargs)
+
+
+def repeat_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] along the first dimension, as a product with a one-hot matrix: the same values (each
+    output row is one input row times 1, plus zeros), with a backward that sums each group's rows in
+    the same order every time. Advanced indexing's backward (index_put_ with accumulate) adds rows in
+    an order that varies from run to run across CPU threads, so two runs of one seed had gradients
+    that parted in their sixth digit and training trajectories that parted after a few steps."""
+    onehot = torch.nn.functional.one_hot(index, x.shape[0]).to(x.dtype)
+    return (onehot @ x.reshape(x.shape[0], -1)).reshape(len(index), *x.shape[1:])
+
+
+def repeat_cache_rows(cache, index: torch.Tensor) -> None:
+    """`cache.batch_select_indices(index)` with `repeat_rows`, for transformers' dynamic cache layers
+    (full and sliding-window attention); any other kind of layer keeps its own selection."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    for layer in cache.layers:
+        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.get_seq_length() > 0:
+            layer.keys, layer.values = repeat_rows(layer.keys, index), repeat_rows(layer.values, index)
+        else:
+            layer.batch_select_indices(index)
