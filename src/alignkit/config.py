@@ -190,7 +190,8 @@ class SelectSettings(Strict):
     guard: Path | None = None
     """A judge YAML whose mean over the same replies must not fall below the starting policy's (step
     0) for a step to be chosen, higher being better (e.g. the offensive-language classifier with
-    weight -1: no step more offensive than the start on the slice is kept). Logged as select_guard.
+    `above: 0.5` and weight -1: no step with more replies flagged offensive than the start on the
+    slice is kept). Logged as select_guard.
     The starting policy always qualifies, so a run where no step holds the guard keeps it."""
 
 
