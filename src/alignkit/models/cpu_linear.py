@@ -69,12 +69,36 @@ def low_precision_weight(module: torch.nn.Linear) -> torch.Tensor:
     """A bfloat16 copy of `module.weight`, made once and kept on the module while the weight is the
     same tensor, unwritten. Inference tensors carry no version counter: whoever writes one in place
     (the rollout engine's `sync`) calls `forget_low_precision` on the model."""
-    w = module.weight
-    stamp = (w.data_ptr(), None if w.is_inference() else w._version)
+    stamp = weight_stamp(module.weight)
     kept = module.__dict__.get("_bf16_weight")
     if kept is None or kept[0] != stamp:
         with torch.inference_mode(False):  # a normal tensor, so a training pass may save it for backward
-            kept = module.__dict__["_bf16_weight"] = (stamp, w.detach().to(torch.bfloat16))
+            kept = module.__dict__["_bf16_weight"] = (stamp, module.weight.detach().to(torch.bfloat16))
+    return kept[1]
+
+
+def weight_stamp(w: torch.Tensor) -> tuple:
+    return (w.data_ptr(), None if w.is_inference() else w._version)
+
+
+def fused_low_precision_weight(modules: list[torch.nn.Linear]) -> torch.Tensor:
+    """The bfloat16 weight of the modules' outputs side by side (cat of their weights along the output
+    dimension), for one product where they read the same input (models.llama_decode). Made once and
+    kept on every module; each module's own kept bfloat16 copy (`low_precision_weight`) becomes a view
+    of its rows, so the fused weight costs no memory beside those copies. Rebuilt when any module's
+    weight changed or was forgotten (`forget_low_precision`)."""
+    if len(modules) == 1:
+        return low_precision_weight(modules[0])
+    stamps = tuple(weight_stamp(m.weight) for m in modules)
+    kept = modules[0].__dict__.get("_bf16_fused")
+    if kept is None or kept[0] != stamps or any(m.__dict__.get("_bf16_fused") is not kept for m in modules[1:]):
+        with torch.inference_mode(False):
+            fused = torch.cat([m.weight.detach().to(torch.bfloat16) for m in modules])
+        kept, start = (stamps, fused), 0
+        for m, stamp in zip(modules, stamps):
+            m.__dict__["_bf16_weight"] = (stamp, fused[start:start + m.out_features])
+            m.__dict__["_bf16_fused"] = kept
+            start += m.out_features
     return kept[1]
 
 
@@ -82,6 +106,7 @@ def forget_low_precision(model: torch.nn.Module) -> None:
     """Drop every kept bfloat16 weight copy of `model` (after its weights were written in place)."""
     for m in model.modules():
         m.__dict__.pop("_bf16_weight", None)
+        m.__dict__.pop("_bf16_fused", None)
 
 
 def rows_first_linear(module: torch.nn.Linear, x: torch.Tensor, low_precision: bool = False) -> torch.Tensor:

@@ -31,6 +31,9 @@ several tokens often come from one pass. The tokens are greedy decoding's own; o
 the passes differs (up to float rounding, and on CPUs with AMX the multi-token passes' products run
 in bfloat16, `alignkit.models.cpu_linear`). Off by default (`draft=0`): on the ShopBot it has not
 yet shown a dependable gain (README); `draft=8` turns it on.
+
+Steps that feed one token run through `models.llama_decode` where the engine's model is one it
+supports (as the rollout engine's decode steps do); longer feeds take transformers' forward.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from collections.abc import Callable
 import torch
 
 from alignkit.errors import AlignkitError
+from alignkit.models import llama_decode
 from alignkit.models.generation import eos_ids
 from alignkit.models.sampling import row_seeds, sample, uniforms
 
@@ -84,6 +88,7 @@ class PrefixCachedDecoder:
         self.ids: list[int] = []
         """The tokens whose keys and values fill the cache's first len(ids) columns."""
         self._weights = None
+        self._lean = False
         self.prompt_tokens = self.reused_tokens = self.forward_passes = 0
         self.drafted_tokens = self.accepted_tokens = 0
         """Of the last call: tokens proposed by prompt lookup, and those kept."""
@@ -96,6 +101,7 @@ class PrefixCachedDecoder:
         weights = (id(engine.model), engine.version)
         if weights != self._weights:
             self._weights, self.ids = weights, []
+        self._lean = engine.lean_decode and llama_decode.supports(engine.model)
         return engine.model
 
     def _cut(self, model, keep: int, needed: int) -> None:
@@ -158,9 +164,13 @@ class PrefixCachedDecoder:
                 if draft and matcher is not None:
                     draft = draft[:matcher.validate_tokens(draft)]
                 run = feed + draft
-                logits = model(input_ids=torch.tensor([run], device=device),
-                               position_ids=torch.arange(len(self.ids), len(self.ids) + len(run), device=device)[None],
-                               past_key_values=self.cache, use_cache=True, logits_to_keep=len(draft) + 1).logits[0]
+                if len(run) == 1 and self._lean and self.cache.layers[0].is_initialized:  # models.llama_decode
+                    logits = llama_decode.decode_step(model, torch.tensor(run, device=device),
+                                                      torch.tensor([len(self.ids)], device=device), None, self.cache)
+                else:
+                    logits = model(input_ids=torch.tensor([run], device=device),
+                                   position_ids=torch.arange(len(self.ids), len(self.ids) + len(run), device=device)[None],
+                                   past_key_values=self.cache, use_cache=True, logits_to_keep=len(draft) + 1).logits[0]
                 cached = len(self.ids) + len(feed)  # columns that stay: the feed, then each draft token kept
                 self.ids.extend(run)
                 self.forward_passes += 1

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from alignkit.models import llama_decode
 from alignkit.models.cpu_linear import forget_low_precision, is_frozen_product_patch, rows_first_linears
 from alignkit.models.generation import Generation, Prompt, eos_ids, left_pad, render_prompt
 from alignkit.models.sampling import row_seeds, sample, uniforms
@@ -65,8 +66,9 @@ def generation_copy(policy) -> torch.nn.Module:
     base = plain_model(policy)
     shared = {id(t): t for t in [*base.parameters(), *base.buffers()] if not t.requires_grad}
     for m in base.modules():  # kept bfloat16 weight copies (models.cpu_linear) serve both models
-        if "_bf16_weight" in m.__dict__:
-            shared[id(m.__dict__["_bf16_weight"])] = m.__dict__["_bf16_weight"]
+        for key in ("_bf16_weight", "_bf16_fused"):
+            if key in m.__dict__:
+                shared[id(m.__dict__[key])] = m.__dict__[key]
     gen = copy.deepcopy(base, shared)
     for m in gen.modules():  # a trainer's bfloat16 product patch: the copy decodes through cpu_linear
         if is_frozen_product_patch(m):
@@ -113,6 +115,10 @@ class RolloutEngine:
     `copy_weights=False` generates straight from a plain (non-peft) model's own tensors instead of a
     copy, so it always sees the current weights (what `alignkit.models.generate` does for plain models).
     """
+
+    lean_decode = True
+    """Decode steps of supported models (Llama architecture on the CPU) through `models.llama_decode`
+    rather than transformers' forward; False on an engine (or the class) keeps transformers' forward."""
 
     def __init__(self, model, tokenizer, *, copy_weights: bool = True):
         from peft import PeftModel
@@ -262,6 +268,7 @@ class RolloutEngine:
         ended_by_eos = torch.zeros(B, dtype=torch.bool, device=device)
         lengths = torch.zeros(B, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)  # the batch rows held in the cache, in cache order
+        lean = self.lean_decode and llama_decode.supports(model)  # one step written out (models.llama_decode)
         scale = temperature if temperature > 0 else 1.0
         for step in range(max_new_tokens):
             raw = logits.float()
@@ -304,10 +311,14 @@ class RolloutEngine:
                 select_cache_rows(cache, keep)
             attn[:, P + step] = 1
             # The decode step's mask over the filled cache columns, built here rather than by transformers
-            # at every step: (rows, 1, 1, P + step + 1).
-            logits = model(input_ids=tok[:, None], attention_mask=attn[:, None, None, :P + step + 1].bool(),
-                           position_ids=(next_pos + step)[:, None], past_key_values=cache, use_cache=True,
-                           logits_to_keep=1).logits[:, -1]
+            # at every step.
+            mask = attn[:, :P + step + 1].bool()
+            if lean:
+                logits = llama_decode.decode_step(model, tok, next_pos + step, mask, cache)
+            else:
+                logits = model(input_ids=tok[:, None], attention_mask=mask[:, None, None, :],
+                               position_ids=(next_pos + step)[:, None], past_key_values=cache, use_cache=True,
+                               logits_to_keep=1).logits[:, -1]
         if streamer is not None:
             streamer.end()
         new = seq[:, P:].cpu()
@@ -332,6 +343,15 @@ def filled_static_cache(config, max_len: int):
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
             return self.filled + query_length, 0
+
+        def append_one(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Write one position's key and value (rows, heads, dim) into the next column, as `update`
+            would, and return the filled columns (models.llama_decode)."""
+            self.keys[:, :, self.filled] = key
+            self.values[:, :, self.filled] = value
+            self.cumulative_length.add_(1)
+            self.filled += 1
+            return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
 
     cache = StaticCache(config=config, max_cache_len=max_len)
     cache.layers = [FilledStaticLayer(max_cache_len=max_len) if type(layer) is StaticLayer else layer

@@ -1,0 +1,128 @@
+"""One decode step of a Llama-architecture model, written out for the CPU engine.
+
+A decode step feeds one new token per row. Through transformers' modules it costs about 70 small
+tensor operations per layer plus the Python of every module call, mask and cache update: on the
+2-core AMX Xeon this project is measured on, a step of the embedded model took 40-50 ms at 8 rows,
+of which the matrix products were under 25 ms. This step computes the same function with fewer,
+larger operations:
+
+- the products that read the same input run as one: the query, key and value projections, and the
+  MLP's gate and up projections. Where the engine multiplies in bfloat16 (`models.cpu_linear`), the
+  fused bfloat16 weight is built once, and each projection's kept bfloat16 copy becomes a view of it,
+  so the fused weight costs no memory beside them. In float32 the products stay separate (a fused
+  float32 weight would be a second copy of most of the model) and share their input;
+- rotary embedding on the queries and keys together, with cos/sin computed once per step;
+- the new key and value written straight into the static cache's next column; attention over the
+  filled columns (one query position per row; the query heads of a key/value head attend as one
+  group);
+- the residual stream, norms, softmax and everything outside the products in float32, as in
+  transformers.
+
+In float32 its logits are bit for bit transformers' (tested); in bfloat16 the fused products sum in a
+different blocking, which moves logits by bfloat16 rounding, as any change of kernel does.
+`supports(model)` says whether a model is one this step computes exactly; any other model (other
+architectures, attention or MLP biases, scaled rotary embeddings, quantized weights, a GPU), and a
+model with forward hooks (which expect their modules to be called), keeps transformers' forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from alignkit.models.cpu_linear import (LOWP_MIN_ROWS, MAX_ROWS, decode_precision, fused_low_precision_weight,
+                                        rows_first_linear)
+
+
+def supports(model) -> bool:
+    """True when `model` is a transformers LlamaForCausalLM on the CPU that `decode_step` computes as
+    transformers does: no attention or MLP bias, SiLU MLP, unscaled ("default") rotary embedding, one
+    head dimension for all heads, plain float32 nn.Linear projections."""
+    if type(model).__name__ != "LlamaForCausalLM":
+        return False
+    cfg, inner = model.config, model.model
+    rotary = getattr(inner, "rotary_emb", None)
+    if (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False) or cfg.hidden_act != "silu"
+            or getattr(cfg, "pretraining_tp", 1) != 1 or rotary is None
+            or getattr(rotary, "rope_type", "default") != "default" or rotary.attention_scaling != 1.0):
+        return False
+    layer = inner.layers[0]
+    attn = layer.self_attn
+    if attn.head_dim * cfg.num_attention_heads != attn.q_proj.out_features:
+        return False
+    linears = [model.lm_head] + [m for lyr in inner.layers for m in (
+        lyr.self_attn.q_proj, lyr.self_attn.k_proj, lyr.self_attn.v_proj, lyr.self_attn.o_proj,
+        lyr.mlp.gate_proj, lyr.mlp.up_proj, lyr.mlp.down_proj)]
+    if not all(type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor and m.weight.dtype == torch.float32
+               and m.weight.device.type == "cpu" and m.bias is None for m in linears):
+        return False
+    return not has_hooks(model)  # a hook expects its module to be called; this step calls none
+
+
+def has_hooks(model) -> bool:
+    """True when a forward hook or pre-hook is registered on any module of `model`, or globally."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def products(x: torch.Tensor, modules: list[torch.nn.Linear], low: bool) -> torch.Tensor:
+    """cat([m(x) for m in modules], -1) for 2-D x: in bfloat16 one product on the fused bfloat16
+    weight (`cpu_linear.fused_low_precision_weight`), in float32 each module's own product."""
+    if low:
+        w, xb = fused_low_precision_weight(modules), x.to(torch.bfloat16)
+        y = torch.mm(w, xb.t()).t() if x.shape[0] <= MAX_ROWS else F.linear(xb, w)
+        return y.to(torch.float32, memory_format=torch.contiguous_format)
+    ys = [rows_first_linear(m, x) for m in modules]
+    return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm on float32, operation for operation (so its bits)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@torch.inference_mode()
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache,
+                precision: str | None = None) -> torch.Tensor:
+    """Logits (rows, vocab), float32, for one new token per row, appending its keys and values to
+    `cache` (the rollout engine's filled static cache, `rollout.filled_static_cache`) at its next
+    column.
+
+    tokens, positions: (rows,) long. mask: (rows, filled + 1) bool over the cache's filled columns and
+    the new one (True: attend), or None for all of them. precision: "float32" or "bfloat16" products
+    (None: `cpu_linear.decode_precision()`), bfloat16 only from LOWP_MIN_ROWS rows, as cpu_linear."""
+    inner, cfg = model.model, model.config
+    rows = tokens.shape[0]
+    low = (precision or decode_precision()) == "bfloat16" and rows >= LOWP_MIN_ROWS
+    attn0 = inner.layers[0].self_attn
+    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn0.head_dim
+    group, qk = heads // kv_heads, (heads + kv_heads) * dim
+    x = inner.embed_tokens(tokens)
+    freqs = positions[:, None].float() * inner.rotary_emb.inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # (rows, 1, dim): one row of each for every head
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    for layer, cached in zip(inner.layers, cache.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        h = rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        qkv = products(h, [attn.q_proj, attn.k_proj, attn.v_proj], low)
+        rotated = rotate(qkv[:, :qk].view(rows, heads + kv_heads, dim), cos, sin)
+        keys, values = cached.append_one(rotated[:, heads:], qkv[:, qk:].view(rows, kv_heads, dim))
+        out = F.scaled_dot_product_attention(rotated[:, :heads].reshape(rows, kv_heads, group, dim), keys, values,
+                                             attn_mask=attn_mask, scale=attn.scaling)
+        x = x + products(out.reshape(rows, heads * dim), [attn.o_proj], low)
+        h = rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        gate_up = products(h, [mlp.gate_proj, mlp.up_proj], low)
+        inter = mlp.gate_proj.out_features
+        x = x + products(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], [mlp.down_proj], low)
+    x = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon)
+    return products(x, [model.lm_head], low)
