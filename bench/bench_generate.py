@@ -10,6 +10,8 @@ path's own `min_new_tokens`, no logits processor), the same prompts for every pa
   (c) `RolloutEngine(policy).generate` (LoRA merged into its generation copy), its products in the
       precision `models/cpu_linear.py` picks for this CPU (bfloat16 from 4 rows on CPUs with AMX)
   (p) on a CPU where (c) multiplies in bfloat16: the same engine with every product in float32
+  (t) with --lean: the same engine with its decode steps through transformers' forward rather than
+      the written-out Llama step (`models/llama_decode.py`)
   (s) with --static-loop: the peer of (c), a bare loop of forward passes over transformers' StaticCache
       with logits_to_keep=1 and `torch.multinomial` (no hooks, no per-row seeds, no compaction)
   (d) with --continuous-batching: transformers' `generate_batch` (paged cache) on the merged weights
@@ -69,6 +71,17 @@ def plain_linears(run):
     return wrapped
 
 
+def transformers_steps(engine, run):
+    """`run` with the engine's decode steps through transformers' forward (models.llama_decode off)."""
+    def wrapped():
+        engine.lean_decode = False
+        try:
+            run()
+        finally:
+            engine.lean_decode = True
+    return wrapped
+
+
 def float32_products(run):
     """`run` with the engine's decode products in float32 whatever the CPU (cpu_linear's setting)."""
     def wrapped():
@@ -120,6 +133,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="batches 1 and 32, 16 new tokens")
     ap.add_argument("--continuous-batching", action="store_true", help="also time transformers' generate_batch")
     ap.add_argument("--static-loop", action="store_true", help="also time a bare static-cache forward loop")
+    ap.add_argument("--lean", action="store_true",
+                    help="also time the engine with its decode steps through transformers' forward")
     ap.add_argument("--int8", action="store_true", help="also time the engine on int8 weight-only weights")
     ap.add_argument("--linear", action="store_true",
                     help="also time the engine without rows-first linears, and each projection shape alone")
@@ -217,6 +232,8 @@ def main() -> None:
     names = {"a": "(a) peft", "b": "(b) merged", "c": "(c) engine"}
     if precision != "float32":
         names["p"] = "(p) engine f32"
+    if args.lean:
+        names["t"] = "(t) hf steps"
     if args.static_loop:
         names["s"] = "(s) static loop"
     if args.continuous_batching:
@@ -238,6 +255,8 @@ def main() -> None:
         runs = {"a": hf(policy, ids, mask), "b": hf(merged, ids, mask), "c": eng(prompts)}
         if "p" in names:
             runs["p"] = float32_products(eng(prompts))
+        if args.lean:
+            runs["t"] = transformers_steps(engine, eng(prompts))
         if args.static_loop:
             runs["s"] = static_loop(ids, mask)
         if args.continuous_batching:

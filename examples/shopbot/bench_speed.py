@@ -3,8 +3,9 @@
     python -m examples.shopbot.bench_speed --limit 3
 
 "now": `LocalBackend` as the demo runs it: the ReAct grammar, the key/value cache of the prompt
-prefix already read reused across steps and requests, forced tokens read in one pass, the reply
-ended when the grammar is complete. "before": the chat path the ShopBot had when 85 s per request
+prefix already read reused across steps and requests, forced tokens read in one pass, tokens drafted
+by prompt lookup (--draft), the reply ended when the grammar is complete.
+"before": the chat path the ShopBot had when 85 s per request
 was measured: `alignkit.models.generate` over the whole prompt at every step (no reuse), all
 `max_tokens` decoded, then cut at "Observation:" (text protocol, no grammar); it runs on today's
 rollout engine. "original": the same, decoded as it was then: transformers' `generate` on the
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from alignkit.apps.agents.backends import LocalBackend, cut_at_stop
+from alignkit.apps.agents.backends import DRAFT, LocalBackend, cut_at_stop
 from alignkit.io import atomic_write_text
 
 from .app import ShopServices, choose_model, load_prompt, run_script
@@ -70,12 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=Path, default=Path("runs/shopbot-data/heldout_requests.jsonl"))
     parser.add_argument("--limit", type=int, default=3, help="The first N held-out requests.")
     parser.add_argument("--out", type=Path, default=Path("runs/shopbot/bench_speed.json"))
+    parser.add_argument("--draft", type=int, default=DRAFT,
+                        help=f"'now': tokens drafted per pass by prompt lookup (default {DRAFT}, as the demo; 0: none)")
     args = parser.parse_args(argv)
 
     seed, prompt = load_seed(), load_prompt()
     requests = read_requests(args.requests)[:args.limit]
     spec = args.model or choose_model()[0]
-    now = LocalBackend(spec, device="cpu")
+    now = LocalBackend(spec, device="cpu", draft=args.draft)
     backends = {"now": now, "before": WholePromptBackend(now.model, now.tokenizer),
                 "original": OriginalBackend(now.model, now.tokenizer)}
     modes = list(backends)

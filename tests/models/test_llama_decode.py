@@ -54,6 +54,25 @@ def test_decode_steps_equal_transformers_bit_for_bit_in_float32(tiny):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
+def test_a_block_of_tokens_equals_transformers_bit_for_bit_in_float32(tiny):
+    """One row: a prompt read by transformers, then blocks of 5 and 1 tokens read each way (each token
+    attends to the cache and the block's tokens before it): the kept logits and the cache are identical."""
+    model, tok = tiny
+    prompt = tok("Where is my order? It was due last week.")["input_ids"]
+    ours, _, _, P = prefill(model, [prompt], tok.pad_token_id, 6)
+    theirs = copy.deepcopy(ours)
+    for block, keep in (([5, 17, 42, 8, 9], 3), ([11], 1)):
+        filled = theirs.layers[0].filled
+        with torch.inference_mode():
+            expected = model(input_ids=torch.tensor([block]), position_ids=torch.arange(filled, filled + len(block))[None],
+                             past_key_values=theirs, use_cache=True, logits_to_keep=keep).logits[0]
+        got = llama_decode.read_block(model, torch.tensor(block), ours, keep=keep, precision="float32")
+        assert got.shape == (keep, model.config.vocab_size) and torch.equal(got, expected)
+    for a, b in zip(ours.layers, theirs.layers):
+        assert a.filled == b.filled == P + 6 and int(a.cumulative_length) == int(b.cumulative_length)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 def test_bfloat16_step_is_close_and_its_fused_weights_are_the_kept_copies(tiny):
     model, tok = tiny
     model = copy.deepcopy(model)

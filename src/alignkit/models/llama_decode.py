@@ -100,29 +100,70 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torc
     tokens, positions: (rows,) long. mask: (rows, filled + 1) bool over the cache's filled columns and
     the new one (True: attend), or None for all of them. precision: "float32" or "bfloat16" products
     (None: `cpu_linear.decode_precision()`), bfloat16 only from LOWP_MIN_ROWS rows, as cpu_linear."""
-    inner, cfg = model.model, model.config
     rows = tokens.shape[0]
+    attn_mask = None if mask is None else mask[:, None, None, :]
+
+    def attend(q, k, v, cached, attn):  # q (rows, heads, dim); k, v (rows, kv_heads, dim)
+        keys, values = cached.append_one(k, v)
+        kv_heads, dim = k.shape[1], k.shape[2]
+        # The query heads that share a key/value head attend as one group of queries: no repeated keys.
+        out = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, -1, dim), keys, values, attn_mask=attn_mask,
+                                             scale=attn.scaling)
+        return out.reshape(rows, -1)
+
+    return _forward(model, tokens, positions, cache, attend, rows, precision)
+
+
+@torch.inference_mode()
+def read_block(model, tokens: torch.Tensor, cache, keep: int = 1, precision: str | None = None) -> torch.Tensor:
+    """Logits (keep, vocab), float32, of the last `keep` of `tokens` (k,), the next k tokens of a
+    single-row cache read in one pass (each attends to the cache and to the block's tokens before it),
+    their keys and values appended to `cache`. For a batch of one (models.prefix_cache: a prompt's
+    unread rest, tokens a grammar forces, drafted tokens)."""
+    k = tokens.shape[0]
+    filled = cache.layers[0].filled
+    positions = torch.arange(filled, filled + k, device=tokens.device)
+    causal = torch.arange(filled + k, device=tokens.device)[None, :] <= positions[:, None]  # (k, filled + k)
+
+    def attend(q, key, value, cached, attn):  # q (k, heads, dim); key, value (k, kv_heads, dim)
+        keys, values = cached.append_block(key.transpose(0, 1)[None], value.transpose(0, 1)[None])
+        kv_heads, dim = key.shape[1], key.shape[2]
+        group = q.shape[1] // kv_heads
+        # (k, kv_heads, group, dim) -> (1, kv_heads, group * k, dim): a key/value head's queries, group-major
+        grouped = q.view(k, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * k, dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=causal.repeat(group, 1)[None, None],
+                                             scale=attn.scaling)
+        return out.view(kv_heads, group, k, dim).permute(2, 0, 1, 3).reshape(k, -1)
+
+    return _forward(model, tokens, positions, cache, attend, k, precision, keep=keep)
+
+
+def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, cache, attend, rows: int,
+             precision: str | None, keep: int | None = None) -> torch.Tensor:
+    """The layers over `rows` token rows (2-D throughout); `attend(q, k, v, cache_layer, attn_module)`
+    rotates nothing: it gets rotated queries and keys, caches keys and values, and returns the attention
+    output (rows, heads * dim). Logits of the last `keep` rows (all when None)."""
+    inner, cfg = model.model, model.config
     low = (precision or decode_precision()) == "bfloat16" and rows >= LOWP_MIN_ROWS
-    attn0 = inner.layers[0].self_attn
-    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn0.head_dim
-    group, qk = heads // kv_heads, (heads + kv_heads) * dim
+    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, inner.layers[0].self_attn.head_dim
+    qk = (heads + kv_heads) * dim
     x = inner.embed_tokens(tokens)
     freqs = positions[:, None].float() * inner.rotary_emb.inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # (rows, 1, dim): one row of each for every head
-    attn_mask = None if mask is None else mask[:, None, None, :]
     for layer, cached in zip(inner.layers, cache.layers):
         attn, mlp = layer.self_attn, layer.mlp
         h = rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         qkv = products(h, [attn.q_proj, attn.k_proj, attn.v_proj], low)
         rotated = rotate(qkv[:, :qk].view(rows, heads + kv_heads, dim), cos, sin)
-        keys, values = cached.append_one(rotated[:, heads:], qkv[:, qk:].view(rows, kv_heads, dim))
-        out = F.scaled_dot_product_attention(rotated[:, :heads].reshape(rows, kv_heads, group, dim), keys, values,
-                                             attn_mask=attn_mask, scale=attn.scaling)
-        x = x + products(out.reshape(rows, heads * dim), [attn.o_proj], low)
+        out = attend(rotated[:, :heads], rotated[:, heads:], qkv[:, qk:].view(rows, kv_heads, dim), cached, attn)
+        x = x + products(out, [attn.o_proj], low)
         h = rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         gate_up = products(h, [mlp.gate_proj, mlp.up_proj], low)
         inter = mlp.gate_proj.out_features
         x = x + products(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], [mlp.down_proj], low)
+    if keep is not None:
+        x = x[-keep:]
+        low = (precision or decode_precision()) == "bfloat16" and keep >= LOWP_MIN_ROWS
     x = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon)
     return products(x, [model.lm_head], low)

@@ -32,8 +32,9 @@ the passes differs (up to float rounding, and on CPUs with AMX the multi-token p
 in bfloat16, `alignkit.models.cpu_linear`). Off by default (`draft=0`): on the ShopBot it has not
 yet shown a dependable gain (README); `draft=8` turns it on.
 
-Steps that feed one token run through `models.llama_decode` where the engine's model is one it
-supports (as the rollout engine's decode steps do); longer feeds take transformers' forward.
+Once the cache holds something, every pass (one token, forced tokens, drafts, a prompt's unread rest)
+runs through `models.llama_decode` where the engine's model is one it supports, as the rollout
+engine's decode steps do; a pass into an empty cache, and other models, take transformers' forward.
 """
 
 from __future__ import annotations
@@ -164,9 +165,9 @@ class PrefixCachedDecoder:
                 if draft and matcher is not None:
                     draft = draft[:matcher.validate_tokens(draft)]
                 run = feed + draft
-                if len(run) == 1 and self._lean and self.cache.layers[0].is_initialized:  # models.llama_decode
-                    logits = llama_decode.decode_step(model, torch.tensor(run, device=device),
-                                                      torch.tensor([len(self.ids)], device=device), None, self.cache)
+                if self._lean and self.cache.layers[0].is_initialized:  # models.llama_decode
+                    logits = llama_decode.read_block(model, torch.tensor(run, device=device), self.cache,
+                                                     keep=len(draft) + 1)
                 else:
                     logits = model(input_ids=torch.tensor([run], device=device),
                                    position_ids=torch.arange(len(self.ids), len(self.ids) + len(run), device=device)[None],

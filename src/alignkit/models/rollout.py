@@ -353,6 +353,15 @@ def filled_static_cache(config, max_len: int):
             self.filled += 1
             return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
 
+        def append_block(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """As `append_one`, for keys and values (rows, heads, positions, dim) of several positions."""
+            n = key.shape[2]
+            self.keys[:, :, self.filled:self.filled + n] = key
+            self.values[:, :, self.filled:self.filled + n] = value
+            self.cumulative_length.add_(n)
+            self.filled += n
+            return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
+
     cache = StaticCache(config=config, max_cache_len=max_len)
     cache.layers = [FilledStaticLayer(max_cache_len=max_len) if type(layer) is StaticLayer else layer
                     for layer in cache.layers]

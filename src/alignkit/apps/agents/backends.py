@@ -83,11 +83,16 @@ def _cancellable_streamer(tokenizer):
     return CancellableStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+DRAFT = 8
+"""Tokens drafted per forward pass by prompt lookup in a local model's greedy replies (the ShopBot,
+README: 5.4 against 7.2 s per request, faster on each of 4 requests); 0 turns drafting off."""
+
+
 class LocalBackend:
     """A model loaded by `alignkit.models.load_model`: 'embedded', an HF directory, an adapter directory, a .gguf."""
 
     def __init__(self, model_spec: str = "embedded", *, device: str = "auto", prefix_reuse: bool = True,
-                 draft: int = 0):
+                 draft: int = DRAFT):
         from alignkit.models import load_model
 
         model, tokenizer = load_model(model_spec, device=device)
@@ -95,14 +100,14 @@ class LocalBackend:
 
     @classmethod
     def from_loaded(cls, model, tokenizer, name: str = "local", *, prefix_reuse: bool = True,
-                    draft: int = 0) -> LocalBackend:
+                    draft: int = DRAFT) -> LocalBackend:
         """Wrap a (model, tokenizer) pair that is already in memory. draft: most tokens drafted per
-        forward pass by prompt lookup in greedy replies (0, the default: none; `alignkit.models.prefix_cache`)."""
+        forward pass by prompt lookup in greedy replies (`alignkit.models.prefix_cache`; 0: none)."""
         backend = cls.__new__(cls)
         backend._setup(model, tokenizer, name, prefix_reuse, draft)
         return backend
 
-    def _setup(self, model, tokenizer, name: str, prefix_reuse: bool, draft: int = 0) -> None:
+    def _setup(self, model, tokenizer, name: str, prefix_reuse: bool, draft: int = DRAFT) -> None:
         from alignkit.models.prefix_cache import PrefixCachedDecoder
 
         self.name, self.model, self.tokenizer = name, model, tokenizer
