@@ -31,11 +31,14 @@ def prefill(model, prompts: list[list[int]], pad: int, extra: int):
     return cache, attn, mask.sum(1), P
 
 
-def test_decode_steps_equal_transformers_bit_for_bit_in_float32(tiny):
-    """Three rows of different lengths (left padding), four steps each way from the same prefill: the
-    logits and every cached key and value are identical."""
+@pytest.mark.parametrize("padded", [True, False])
+def test_decode_steps_equal_transformers_bit_for_bit_in_float32(tiny, padded):
+    """Three rows, of different lengths (left padding: the step passes attention a mask) or of one
+    prompt (no padding: no mask), four steps each way from the same prefill: the logits and every
+    cached key and value are identical."""
     model, tok = tiny
-    prompts = [tok("Where is my order?")["input_ids"], tok("Hi")["input_ids"], tok("Can I return shoes?")["input_ids"]]
+    texts = ["Where is my order?", "Hi", "Can I return shoes?"] if padded else ["Where is my order?"] * 3
+    prompts = [tok(t)["input_ids"] for t in texts]
     ours, attn, next_pos, P = prefill(model, prompts, tok.pad_token_id, 4)
     theirs = copy.deepcopy(ours)
     tokens = torch.tensor([5, 17, 42])

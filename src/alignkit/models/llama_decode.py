@@ -101,7 +101,8 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torc
     the new one (True: attend), or None for all of them. precision: "float32" or "bfloat16" products
     (None: `cpu_linear.decode_precision()`), bfloat16 only from LOWP_MIN_ROWS rows, as cpu_linear."""
     rows = tokens.shape[0]
-    attn_mask = None if mask is None else mask[:, None, None, :]
+    # No mask where every row attends to every column (no padding): sdpa runs faster without one.
+    attn_mask = None if mask is None or bool(mask.all()) else mask[:, None, None, :]
 
     def attend(q, k, v, cached, attn):  # q (rows, heads, dim); k, v (rows, kv_heads, dim)
         keys, values = cached.append_one(k, v)
@@ -123,7 +124,9 @@ def read_block(model, tokens: torch.Tensor, cache, keep: int = 1, precision: str
     k = tokens.shape[0]
     filled = cache.layers[0].filled
     positions = torch.arange(filled, filled + k, device=tokens.device)
-    causal = torch.arange(filled + k, device=tokens.device)[None, :] <= positions[:, None]  # (k, filled + k)
+    causal = None  # one token attends to every filled column: no mask (cheaper for sdpa over a long cache)
+    if k > 1:
+        causal = torch.arange(filled + k, device=tokens.device)[None, :] <= positions[:, None]  # (k, filled + k)
 
     def attend(q, key, value, cached, attn):  # q (k, heads, dim); key, value (k, kv_heads, dim)
         keys, values = cached.append_block(key.transpose(0, 1)[None], value.transpose(0, 1)[None])
@@ -131,8 +134,8 @@ def read_block(model, tokens: torch.Tensor, cache, keep: int = 1, precision: str
         group = q.shape[1] // kv_heads
         # (k, kv_heads, group, dim) -> (1, kv_heads, group * k, dim): a key/value head's queries, group-major
         grouped = q.view(k, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * k, dim)
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=causal.repeat(group, 1)[None, None],
-                                             scale=attn.scaling)
+        mask = None if causal is None else causal.repeat(group, 1)[None, None]
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=attn.scaling)
         return out.view(kv_heads, group, k, dim).permute(2, 0, 1, 3).reshape(k, -1)
 
     return _forward(model, tokens, positions, cache, attend, k, precision, keep=keep)
