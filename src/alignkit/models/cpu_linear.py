@@ -118,9 +118,7 @@ def rows_first_linear(module: torch.nn.Linear, x: torch.Tensor, low_precision: b
         return F.linear(x, module.weight, module.bias)
     small = module.out_features < LOWP_SMALL_OUTPUTS
     if low_precision and rows >= (LOWP_SMALL_MIN_ROWS if small else LOWP_MIN_ROWS):
-        w, flat = low_precision_weight(module), x.reshape(rows, x.shape[-1]).to(torch.bfloat16)
-        y = (torch.mm(w, flat.t()).t() if rows <= MAX_ROWS else F.linear(flat, w))
-        y = y.to(torch.float32, memory_format=torch.contiguous_format)
+        y = low_precision_product(low_precision_weight(module), x.reshape(rows, x.shape[-1]))
     else:
         low = HEAD_MIN_ROWS if module.out_features >= HEAD_OUTPUTS else MIN_ROWS
         if not (low <= rows <= MAX_ROWS):
@@ -129,6 +127,14 @@ def rows_first_linear(module: torch.nn.Linear, x: torch.Tensor, low_precision: b
     if module.bias is not None:
         y = y + module.bias
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def low_precision_product(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x W^T for 2-D float32 x and a bfloat16 W: x rounded to bfloat16, (W x^T)^T up to MAX_ROWS rows
+    (F.linear above), the bfloat16 result handed back row-major in float32."""
+    flat = x.to(torch.bfloat16)
+    y = torch.mm(w, flat.t()).t() if x.shape[0] <= MAX_ROWS else F.linear(flat, w)
+    return y.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 @contextmanager

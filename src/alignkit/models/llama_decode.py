@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignkit.models.cpu_linear import (LOWP_MIN_ROWS, MAX_ROWS, decode_precision, fused_low_precision_weight,
-                                        rows_first_linear)
+from alignkit.models.cpu_linear import (LOWP_MIN_ROWS, decode_precision, fused_low_precision_weight,
+                                        low_precision_product, rows_first_linear)
 
 
 def supports(model) -> bool:
@@ -72,9 +72,7 @@ def products(x: torch.Tensor, modules: list[torch.nn.Linear], low: bool) -> torc
     """cat([m(x) for m in modules], -1) for 2-D x: in bfloat16 one product on the fused bfloat16
     weight (`cpu_linear.fused_low_precision_weight`), in float32 each module's own product."""
     if low:
-        w, xb = fused_low_precision_weight(modules), x.to(torch.bfloat16)
-        y = torch.mm(w, xb.t()).t() if x.shape[0] <= MAX_ROWS else F.linear(xb, w)
-        return y.to(torch.float32, memory_format=torch.contiguous_format)
+        return low_precision_product(fused_low_precision_weight(modules), x)
     ys = [rows_first_linear(m, x) for m in modules]
     return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
@@ -105,7 +103,7 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, mask: torc
     attn_mask = None if mask is None or bool(mask.all()) else mask[:, None, None, :]
 
     def attend(q, k, v, cached, attn):  # q (rows, heads, dim); k, v (rows, kv_heads, dim)
-        keys, values = cached.append_one(k, v)
+        keys, values = cached.append_block(k[:, :, None], v[:, :, None])
         kv_heads, dim = k.shape[1], k.shape[2]
         # The query heads that share a key/value head attend as one group of queries: no repeated keys.
         out = F.scaled_dot_product_attention(q.reshape(rows, kv_heads, -1, dim), keys, values, attn_mask=attn_mask,

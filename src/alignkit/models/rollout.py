@@ -344,17 +344,9 @@ def filled_static_cache(config, max_len: int):
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
             return self.filled + query_length, 0
 
-        def append_one(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Write one position's key and value (rows, heads, dim) into the next column, as `update`
-            would, and return the filled columns (models.llama_decode)."""
-            self.keys[:, :, self.filled] = key
-            self.values[:, :, self.filled] = value
-            self.cumulative_length.add_(1)
-            self.filled += 1
-            return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
-
         def append_block(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """As `append_one`, for keys and values (rows, heads, positions, dim) of several positions."""
+            """Write keys and values (rows, heads, positions, dim) into the next columns, as `update`
+            would, and return the filled columns (models.llama_decode)."""
             n = key.shape[2]
             self.keys[:, :, self.filled:self.filled + n] = key
             self.values[:, :, self.filled:self.filled + n] = value
