@@ -145,7 +145,8 @@ def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, cache, attend
     rotates nothing: it gets rotated queries and keys, caches keys and values, and returns the attention
     output (rows, heads * dim). Logits of the last `keep` rows (all when None)."""
     inner, cfg = model.model, model.config
-    low = (precision or decode_precision()) == "bfloat16" and rows >= LOWP_MIN_ROWS
+    bfloat16 = (precision or decode_precision()) == "bfloat16"
+    low = bfloat16 and rows >= LOWP_MIN_ROWS
     heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, inner.layers[0].self_attn.head_dim
     qk = (heads + kv_heads) * dim
     x = inner.embed_tokens(tokens)
@@ -165,6 +166,6 @@ def _forward(model, tokens: torch.Tensor, positions: torch.Tensor, cache, attend
         x = x + products(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], [mlp.down_proj], low)
     if keep is not None:
         x = x[-keep:]
-        low = (precision or decode_precision()) == "bfloat16" and keep >= LOWP_MIN_ROWS
+        low = bfloat16 and keep >= LOWP_MIN_ROWS
     x = rms_norm(x, inner.norm.weight, inner.norm.variance_epsilon)
     return products(x, [model.lm_head], low)
