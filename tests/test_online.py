@@ -137,3 +137,21 @@ def test_batch_stats_log_per_reply_repetition():
                          SimpleNamespace(judge=None), torch.tensor([0.0, 1.0]))
     assert record["repetition"] == pytest.approx(0.125)
     assert record["eos_rate"] == pytest.approx(0.5) and "judge" not in record
+
+
+def test_sample_lets_distinct_prompts_share_their_common_head(tiny):
+    """Distinct prompts (PPO's rows) that begin alike read that beginning once in the trainer's passes:
+    one group over all rows, cut before the shortest prompt's last token."""
+    from alignkit.models.rollout import RolloutEngine
+    from alignkit.online import sample
+
+    model, tok = tiny
+    head = "Please answer the customer politely and briefly and helpfully: "
+    prompts = [head + "where is my order?", head + "can I return shoes?", head + "hi"]
+    kw = dict(max_new_tokens=4, temperature=1.0, top_p=1.0, tokenizer=tok, device="cpu")
+    ro = sample(RolloutEngine(model, tok), model, prompts, [1, 2, 3], **kw)
+    assert ro.split is not None and ro.split.prefix_ids.shape[0] == 1
+    assert ro.split.row_group.tolist() == [0, 0, 0]
+    cut = int(ro.split.prefix_len[0])
+    assert 0 < cut <= min(len(p) for p in ro.gen.prompt_ids) - 1
+    assert all(p[:cut] == ro.gen.prompt_ids[0][:cut] for p in ro.gen.prompt_ids)

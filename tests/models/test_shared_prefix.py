@@ -208,3 +208,42 @@ def test_gradients_through_the_repeated_prefix_cache_repeat_bit_for_bit():
         assert all(torch.equal(a, b) for a, b in zip(grads_, first))
     torch.testing.assert_close(first[0], _prefix_gradients(lambda c, i: c.batch_select_indices(i), 1)[0][0])
 
+
+
+def test_ppo_log_probs_values_and_gradients_equal_the_plain_pass_over_one_shared_head(lora_model):
+    """PPO's distinct prompts share only their leading tokens (a chat template's system turn): all rows
+    form one group, that head is read once, and the policy's log-probs, the value head's values and
+    every gradient equal the plain pass over whole rows."""
+    from alignkit.models.heads import scalar_head
+    from alignkit.recipes.ppo import PolicyWithValue
+
+    model, tok = lora_model
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(5, 200, (12,), generator=g).tolist()
+    prompts = [head + torch.randint(5, 200, (2 + k,), generator=g).tolist() for k in range(4)]
+    rows = [p + torch.randint(5, 200, (1 + 2 * k,), generator=g).tolist() for k, p in enumerate(prompts)]
+    resp = [len(r) - len(p) for r, p in zip(rows, prompts)]
+    keep = max(resp)
+    ids, mask = left_pad(rows, tok.pad_token_id, "cpu")
+    valid = tail_mask(torch.tensor(resp), keep)
+    torch.manual_seed(0)
+    both = PolicyWithValue(model, scalar_head(model.config.hidden_size))
+    torch.nn.init.normal_(both.value_head.weight, std=0.5)
+    plain_ro = Rollout(None, ids, mask, keep, valid, torch.tensor(resp))
+    split = split_shared_prefix(rows, [0] * 4, [len(p) - 1 for p in prompts], tok.pad_token_id, "cpu")
+    assert split is not None and split.prefix_len.tolist() == [12]
+    shared_ro = Rollout(None, ids, mask, keep, valid, torch.tensor(resp), split)
+    results = []
+    for ro in (plain_ro, shared_ro):
+        logp, values = both(ro, 0.7)
+        ((logp * valid).sum() + (values * valid).sum()).backward()
+        results.append((logp.detach() * valid, values.detach() * valid, grads(both)))
+    (lp_a, v_a, g_a), (lp_b, v_b, g_b) = results
+    torch.testing.assert_close(lp_b, lp_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_b, v_a, atol=1e-5, rtol=1e-5)
+    assert any("value_head" in k for k in g_a)
+    assert_same_grads(g_a, g_b)
+    with torch.no_grad():  # a minibatch of the rows
+        lp_mb, v_mb = both(shared_ro, 0.7, torch.tensor([3, 1]))
+    torch.testing.assert_close(lp_mb * valid[[3, 1]], lp_a[[3, 1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_mb * valid[[3, 1]], v_a[[3, 1]], atol=1e-5, rtol=1e-5)

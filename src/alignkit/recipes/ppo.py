@@ -37,8 +37,8 @@ from alignkit.losses.ppo import gae, masked_mean, masked_whiten, policy_loss, to
 from alignkit.models import save_model
 from alignkit.models.heads import scalar_head
 from alignkit.models.rollout import RolloutEngine
-from alignkit.online import (PhaseTimer, Probe, Scorers, StepLog, batch_stats, kl_controller, row_seeds, sample,
-                             sampler_gap, tail_logprobs)
+from alignkit.online import (PhaseTimer, Probe, Rollout, Scorers, StepLog, batch_stats, kl_controller,
+                             rollout_logprobs, row_seeds, sample, sampler_gap)
 from alignkit.training import (checkpoint, load_trainable, make_accelerator, make_optimizer, open_run_dir,
                                resume_state)
 
@@ -50,10 +50,10 @@ class PolicyWithValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
-    def forward(self, ids, mask, temperature: float, keep: int):
-        """Log-probs (at the sampling temperature) and values for the last `keep` tokens, each (B, keep):
-        left-padded sequences, so the last `keep` columns hold every response."""
-        logp, hidden = tail_logprobs(self.policy, ids, mask, temperature, keep, hidden=True)
+    def forward(self, ro: Rollout, temperature: float, rows: torch.Tensor | None = None):
+        """Log-probs (at the sampling temperature) and values of the rollout's responses (all rows, or
+        the minibatch `rows`), each (B, keep); a prefix every row shares is read once (rollout_logprobs)."""
+        logp, hidden = rollout_logprobs(self.policy, ro, temperature, rows, hidden=True)
         return logp, self.value_head(hidden.float()).squeeze(-1)
 
 
@@ -117,21 +117,21 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
             ro = sample(engine, policy, batch_prompts, row_seeds(cfg.seed, step, rows),
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         tokenizer=tokenizer, device=device)
-        gen, ids, mask, keep, resp_mask = ro.gen, ro.ids, ro.mask, ro.keep, ro.resp_mask
+        gen, resp_mask = ro.gen, ro.resp_mask
         fused = REUSE_ROLLOUT_FORWARD and cfg.ppo_epochs == 1 and cfg.minibatch_size == cfg.rollout_batch
         if fused:
             # One update on the whole batch: the update's forward pass is the rollout's (ratio exactly 1),
             # so one backbone pass fewer per step.
             model.train()
             with timer("update"), accelerator.autocast():
-                live_logp, live_values = model(ids, mask, cfg.temperature, keep)
+                live_logp, live_values = model(ro, cfg.temperature)
             old_logp, old_values = live_logp.detach(), live_values.detach()
         else:
             # the unwrapped module: no DDP bookkeeping for passes without gradients
             with timer("old_logprobs"), torch.no_grad():
-                old_logp, old_values = modules(ids, mask, cfg.temperature, keep)
+                old_logp, old_values = modules(ro, cfg.temperature)
         with timer("reference"), torch.no_grad(), policy.disable_adapter():
-            ref_logp, _ = modules(ids, mask, cfg.temperature, keep)
+            ref_logp, _ = modules(ro, cfg.temperature)
         with timer("score"):
             scores = torch.tensor(scorers.reward(batch_prompts, gen.texts), dtype=torch.float32, device=device)
         raw_scores = scores.clone()
@@ -163,7 +163,7 @@ def main(cfg: PPOConfig, *, resume: Path | None = None, overwrite: bool = False)
                     mb = order[start:start + local_minibatch]
                     with accelerator.autocast():
                         logp, values = ((live_logp[mb], live_values[mb]) if fused
-                                        else model(ids[mb], mask[mb], cfg.temperature, keep))
+                                        else model(ro, cfg.temperature, torch.tensor(mb, device=device)))
                         pg, pg_stats = policy_loss(logp, old_logp[mb], advantages[mb], resp_mask[mb], cfg.clip)
                         vf, vf_stats = value_loss(values, old_values[mb], returns[mb], resp_mask[mb], cfg.vf_clip)
                         accelerator.backward(pg + cfg.vf_coef * vf)
