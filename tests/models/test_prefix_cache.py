@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from alignkit.models import prefix_cache
-from alignkit.models.prefix_cache import PrefixCachedDecoder, lookup_draft, shared_prefix_length
+from alignkit.models.drafting import ReplyHistory, lookup_draft
+from alignkit.models.prefix_cache import PrefixCachedDecoder, shared_prefix_length
 
 
 class Recorder:
@@ -156,6 +157,28 @@ def test_lookup_draft_continues_the_latest_earlier_occurrence():
     assert lookup_draft(ctx, 0) == []
 
 
+def test_reply_history_finds_the_latest_continuation_and_forgets_the_oldest():
+    history = ReplyHistory(max_tokens=10)
+    history.add([1, 2, 3, 4, 5])
+    history.add([9, 2, 3, 7, 8])
+    assert history.lookup([2, 3], 2) == [7, 8]  # the latest reply with (2, 3)
+    assert history.lookup([1, 2, 3], 4) == [4, 5]
+    assert history.lookup([3, 4], 0) == [] and history.lookup([5, 6], 3) == []
+    history.add([6, 6, 6])  # 13 tokens: the first reply goes
+    assert history.lookup([1, 2, 3], 4) == [] and (1, 2, 3) not in history.index
+    assert history.lookup([2, 3], 2) == [7, 8] and history.tokens == 8
+
+
+def test_lookup_draft_tries_the_context_then_earlier_replies_at_each_length():
+    history = ReplyHistory()
+    history.add([5, 6, 7, 1, 2, 3, 40, 41])
+    assert lookup_draft([1, 2, 3, 9, 1, 2, 3], 2, history=history) == [9, 1]  # the context first
+    assert lookup_draft([8, 8, 1, 2, 3], 2, history=history) == [40, 41]  # a 3-gram of a reply before
+    assert lookup_draft([2, 3, 0, 2, 3], 2) == [0, 2]
+    assert lookup_draft([9, 6, 7], 3, history=history) == [1, 2, 3]  # (9, 6, 7) nowhere: the 2-gram (6, 7)
+    assert lookup_draft([9, 9, 9, 5], 3, history=history) == []
+
+
 REPEATS = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick"
 
 
@@ -185,3 +208,28 @@ def test_drafting_gives_greedy_tokens_in_fewer_passes(model_and_tokenizer, with_
     assert drafting.generate(longer, max_new_tokens=10) == PrefixCachedDecoder(model, tokenizer, draft=0).generate(
         longer, max_new_tokens=10)
     assert drafting.reused_tokens == len(ids) + len(got) - 1
+
+
+def test_a_reply_decoded_before_drafts_the_next_one(model_and_tokenizer):
+    """The same prompt answered twice: the second reply, drafted from the first (kept in the decoder's
+    history, not in the prompt), is the same greedy reply in far fewer forward passes. A logits
+    processor (a test double) steers greedy decoding to 20 distinct tokens, so no draft can come from
+    the reply repeating itself."""
+    model, tokenizer = model_and_tokenizer
+    ids = prompt(tokenizer, "Write the query for order 12.")
+    script = [t for t in range(40, 200) if t not in ids][:20]
+
+    def steer(input_ids, scores):
+        step = input_ids.shape[1] - len(ids)
+        scores = scores.clone()
+        scores[:, script[step % len(script)]] += 1e4
+        return scores
+
+    decoder = PrefixCachedDecoder(model, tokenizer, draft=8)
+    first = decoder.generate(ids, max_new_tokens=20, logits_processor=steer)
+    assert first == script and decoder.accepted_tokens == 0 and decoder.forward_passes == 20
+    assert decoder.history.tokens == 20
+    again = decoder.generate(ids, max_new_tokens=20, logits_processor=steer)
+    assert again == first
+    assert decoder.accepted_tokens >= 15 and decoder.forward_passes <= 5
+    assert PrefixCachedDecoder(model, tokenizer, draft=0).generate(ids, max_new_tokens=20, logits_processor=steer) == first

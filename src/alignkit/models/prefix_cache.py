@@ -22,8 +22,9 @@ it is written out here because the engine starts every batch from an empty cache
 `reuse=False` re-reads every prompt from the start: the same decoding, for measuring what reuse buys.
 
 Greedy replies also draft tokens from what was read (prompt-lookup decoding, Saxena 2023; the
-n-gram case of speculative decoding, Leviathan et al. 2023): when the last tokens of prompt + reply
-occurred earlier, the tokens that followed them there are proposed (those the grammar allows), run
+n-gram case of speculative decoding, Leviathan et al. 2023) and from the decoder's earlier replies
+(`models.drafting`): when the last tokens of prompt + reply occurred before, the tokens that followed
+them there are proposed (those the grammar allows), run
 through the model in the same forward pass as the next token, and kept for as long as each is the
 token greedy decoding picks at its position; the first that is not is replaced by the picked one.
 An agent's replies copy much of what it read (order ids, SQL of the worked examples, JSON keys), so
@@ -45,26 +46,12 @@ import torch
 
 from alignkit.errors import AlignkitError
 from alignkit.models import llama_decode
+from alignkit.models.drafting import ReplyHistory, lookup_draft
 from alignkit.models.generation import eos_ids
 from alignkit.models.sampling import row_seeds, sample, uniforms
 
 MIN_CAPACITY = 1024
 """Smallest cache allocated, in tokens (46 kB per token for the embedded model in fp32)."""
-
-
-def lookup_draft(context: list[int], max_tokens: int, ngrams: tuple[int, ...] = (3, 2)) -> list[int]:
-    """Up to `max_tokens` tokens that followed the latest earlier occurrence of the context's last n
-    tokens, trying each n of `ngrams` in turn (longest first); [] when none occurred before."""
-    if max_tokens <= 0:
-        return []
-    for n in ngrams:
-        if len(context) <= n:
-            continue
-        tail = context[-n:]
-        for start in range(len(context) - n - 1, -1, -1):
-            if context[start:start + n] == tail:
-                return context[start + n:start + n + max_tokens]
-    return []
 
 
 def shared_prefix_length(cached: list[int], ids: list[int]) -> int:
@@ -92,7 +79,9 @@ class PrefixCachedDecoder:
         self._lean = False
         self.prompt_tokens = self.reused_tokens = self.forward_passes = 0
         self.drafted_tokens = self.accepted_tokens = 0
-        """Of the last call: tokens proposed by prompt lookup, and those kept."""
+        """Of the last call: tokens proposed by lookup, and those kept."""
+        self.history = ReplyHistory()
+        """Earlier replies, where drafts are also looked up (models.drafting)."""
 
     def _model(self):
         """The engine's generation model; the cache is emptied when it or its weights changed."""
@@ -161,7 +150,8 @@ class PrefixCachedDecoder:
         step = 0
         with rows_first_linears(model):
             while True:
-                draft = lookup_draft(ids + new, min(self.draft, max_new_tokens - len(new) - 1)) if drafting else []
+                draft = (lookup_draft(ids + new, min(self.draft, max_new_tokens - len(new) - 1), history=self.history)
+                         if drafting else [])
                 if draft and matcher is not None:
                     draft = draft[:matcher.validate_tokens(draft)]
                 run = feed + draft
@@ -209,6 +199,8 @@ class PrefixCachedDecoder:
                     break
                 feed = ([] if in_cache else [new[-1]]) + forced
                 new += forced
+        if drafting:
+            self.history.add(new)
         return new
 
 
