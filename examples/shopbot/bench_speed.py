@@ -4,7 +4,7 @@
 
 "now": `LocalBackend` as the demo runs it: the ReAct grammar, the key/value cache of the prompt
 prefix already read reused across steps and requests, forced tokens read in one pass, tokens drafted
-by prompt lookup (--draft), the reply ended when the grammar is complete.
+by lookup in the prompt and in earlier replies (--draft), the reply ended when the grammar is complete.
 "before": the chat path the ShopBot had when 85 s per request
 was measured: `alignkit.models.generate` over the whole prompt at every step (no reuse), all
 `max_tokens` decoded, then cut at "Observation:" (text protocol, no grammar); it runs on today's
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="Held-out requests from the end of the file that every mode answers first, untimed "
                              "(a process's first request also pays one-time costs: engine copy, grammar set-up).")
     parser.add_argument("--draft", type=int, default=DRAFT,
-                        help=f"'now': tokens drafted per pass by prompt lookup (default {DRAFT}, as the demo; 0: none)")
+                        help=f"'now': tokens drafted per pass (default {DRAFT}, as the demo; 0: none)")
     args = parser.parse_args(argv)
 
     seed, prompt = load_seed(), load_prompt()

@@ -3,7 +3,7 @@
     python -m examples.shopbot.evaluate                       # the default model, first 10 held-out requests
     python -m examples.shopbot.evaluate --model embedded --model runs/shopbot/final --limit 12
     python -m examples.shopbot.evaluate --prefix-reuse compare   # seconds per request with and without
-    python -m examples.shopbot.evaluate --drafting compare       # the same for prompt-lookup drafting
+    python -m examples.shopbot.evaluate --drafting compare       # the same for drafting (prompt and earlier replies)
 
 For every request the agent runs against the real services (database, label service, SMTP), under
 the constrained ReAct grammar. Format-following is the share of model turns that parse as an
@@ -13,8 +13,8 @@ the demo chooses it (`app.choose_model`). With --prefix-reuse compare, each requ
 twice in the same run, by the same weights, once reusing the key/value cache of the prompt prefix
 read before (the system prompt, the earlier steps) and once re-reading every prompt, alternating
 which goes first; both get their own rates and seconds. --drafting compare does the same with and
-without prompt-lookup drafting (`alignkit.models.prefix_cache`). Results go to --out as JSON, one
-entry per model (and mode), with every request.
+without drafting (`alignkit.models.drafting`: tokens looked up in the prompt and in earlier replies).
+Results go to --out as JSON, one entry per model (and mode), with every request.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="on: reuse the key/value cache of the prompt prefix read before; off: re-read "
                              "every prompt; compare: both, request by request, in the same run.")
     parser.add_argument("--drafting", choices=["on", "off", "compare"], default="on",
-                        help="on (default, as the demo runs): draft tokens by prompt lookup in greedy replies; "
+                        help="on (default, as the demo runs): draft tokens looked up in the prompt and in earlier replies; "
                              "off: one token per forward pass; compare: both, request by request, in the same run.")
     parser.add_argument("--out", type=Path, default=Path("runs/shopbot/eval.json"),
                         help="Where to write the results (JSON).")

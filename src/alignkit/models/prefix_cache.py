@@ -31,7 +31,7 @@ An agent's replies copy much of what it read (order ids, SQL of the worked examp
 several tokens often come from one pass. The tokens are greedy decoding's own; only the batching of
 the passes differs (up to float rounding, and on CPUs with AMX the multi-token passes' products run
 in bfloat16, `alignkit.models.cpu_linear`). `draft=0` (this class's default) turns it off; the agents'
-`LocalBackend` drafts 8 (on the ShopBot 5.4 against 7.2 s per request, README).
+`LocalBackend` drafts 8 (on the ShopBot 3.1 against 7.1 s per request, README).
 
 Once the cache holds something, every pass (one token, forced tokens, drafts, a prompt's unread rest)
 runs through `models.llama_decode` where the engine's model is one it supports, as the rollout
@@ -119,7 +119,7 @@ class PrefixCachedDecoder:
         model together in one forward pass (jump-forward decoding), and the reply ends as soon as the
         grammar is complete. logits_processor(input_ids (1, T), scores (1, V)) -> scores, as in the
         rollout engine. stop(new_ids) -> True ends the reply after the token just drawn. With
-        `draft` > 0, greedy (temperature 0) replies draft tokens by prompt lookup (module docstring).
+        `draft` > 0, greedy (temperature 0) replies draft tokens by lookup in the prompt and in earlier replies (module docstring).
         """
         from alignkit.models.cpu_linear import rows_first_linears
 

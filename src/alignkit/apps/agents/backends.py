@@ -84,8 +84,9 @@ def _cancellable_streamer(tokenizer):
 
 
 DRAFT = 8
-"""Tokens drafted per forward pass by prompt lookup in a local model's greedy replies (the ShopBot,
-README: 5.4 against 7.2 s per request, faster on each of 4 requests); 0 turns drafting off."""
+"""Tokens drafted per forward pass in a local model's greedy replies, looked up in the prompt and in the
+backend's earlier replies (`alignkit.models.drafting`; the ShopBot, README: 3.1 against 7.1 s per
+request over 10 requests); 0 turns drafting off."""
 
 
 class LocalBackend:
@@ -102,7 +103,8 @@ class LocalBackend:
     def from_loaded(cls, model, tokenizer, name: str = "local", *, prefix_reuse: bool = True,
                     draft: int = DRAFT) -> LocalBackend:
         """Wrap a (model, tokenizer) pair that is already in memory. draft: most tokens drafted per
-        forward pass by prompt lookup in greedy replies (`alignkit.models.prefix_cache`; 0: none)."""
+        forward pass in greedy replies, looked up in the prompt and in earlier replies
+        (`alignkit.models.drafting`; 0: none)."""
         backend = cls.__new__(cls)
         backend._setup(model, tokenizer, name, prefix_reuse, draft)
         return backend
