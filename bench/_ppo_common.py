@@ -29,6 +29,16 @@ SEED = 0
 # alignkit's `dtype: bfloat16` (the frozen base's products in bfloat16 on the CPU) and TRL's `bf16=True`
 # (its own default: autocast to bfloat16).
 DTYPE = os.environ.get("ALIGNKIT_BENCH_DTYPE", "float32")
+# "bench" (default: the settings above) or "demo", set by bench_ppo.py --shape through the environment:
+# the demo's PPO run (configs/demo/ppo.yaml): its training prompts, at most 48 new tokens at temperature
+# 0.7, LoRA r 16 on all seven projections, learning rate 1e-3, KL coefficient 0.1. The reward stays the
+# judge function above: the demo's reward model would add the same scoring seconds to every side.
+SHAPE = os.environ.get("ALIGNKIT_BENCH_SHAPE", "bench")
+if SHAPE == "demo":
+    PROMPTS_FILE = EXAMPLES / "service_train.txt"
+    MAX_NEW_TOKENS, TEMPERATURE, LEARNING_RATE, KL_COEF = 48, 0.7, 1e-3, 0.1
+    LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 def load_prompts() -> list[str]:

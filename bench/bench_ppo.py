@@ -2,15 +2,17 @@
 per step, completion tokens/s and peak memory, each as a ratio against the peer measured in the same run.
 
     python bench/bench_ppo.py [--steps 4] [--models tiny,embedded] [--threads 2] [--rounds 1] [--quick]
-                              [--trl-ppo-path DIR]
+                              [--trl-ppo-path DIR] [--before DIR] [--sides S,...] [--dtype bfloat16]
+                              [--shape demo] [--omp-wait-policy default]
 
 Sides, each run in a fresh process, one after the other:
   alignkit PPO              the recipe, rollouts on the rollout engine
   alignkit PPO, plain gen.  the same recipe with rollouts from transformers' `model.generate` on the
                             PEFT-wrapped policy, as before the engine: PPO before/after in one run
-  alignkit PPO, older code  the PPO side of an older checkout of this repository (--before DIR, e.g. a
-                            `git worktree` of the commit before the rollout engine), its own bench
-                            script and sources, same settings: the whole step before/after in one run
+  alignkit PPO, older code  the PPO recipe of an older checkout of this repository (--before DIR, e.g.
+                            a `git worktree` of the commit before the rollout engine): this script's
+                            alignkit PPO side with DIR/src first on the path, so the same settings
+                            drive the older sources: the whole step before/after in one run
   alignkit GRPO             the GRPO recipe: 1 prompt x 8 completions per step, as TRL's GRPO below
   TRL 1.16 GRPOTrainer      TRL's current online trainer (TRL dropped PPO after 1.10)
   TRL 1.10 PPOTrainer       `trl.experimental.ppo`; it needs a TRL 1.10 installed apart from 1.16, e.g.
@@ -20,7 +22,9 @@ The same for every side: the shipped shop prompts, the reward configs/judge_safe
 Python function is called), 8 completions per step of at most 32 new tokens sampled at temperature
 1, LoRA r 8 / alpha 16 on q,k,v,o, float32 (--dtype bfloat16: alignkit's `dtype: bfloat16`, the frozen
 base's products in bfloat16, against TRL's `bf16=True`, autocast), one optimisation pass over the 8 completions per step
-(one batch, no accumulation), KL to the adapter-disabled base on. Not the same, by design of the
+(one batch, no accumulation), KL to the adapter-disabled base on. `--shape demo` runs the demo's PPO
+settings instead (configs/demo/ppo.yaml: its training prompts, at most 48 new tokens at temperature 0.7,
+LoRA r 16 / alpha 32 on all seven projections; the reward stays the same judge function). Not the same, by design of the
 algorithms: PPO scores 8 prompts once each, learns a value head and uses GAE advantages (with one
 epoch and one minibatch, as here, its update reuses the rollout's forward pass for the old log-probs
 and values, as GRPO with num_iterations 1 does); GRPO samples 8 completions of one prompt and uses
@@ -39,6 +43,7 @@ slows loops of many small products, the decode loop most). Prints figures; it is
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import os
@@ -133,11 +138,11 @@ def child(side: str, model_dir: str, steps: int, threads: int, out: Path) -> Non
 
 def run_side(side: str, model_dir: str, steps: int, threads: int, workdir: Path,
              trl_ppo_path: str | None, wait_policy: str = "passive", dtype: str = "float32",
-             before: str | None = None) -> dict | str:
+             before: str | None = None, shape: str = "bench") -> dict | str:
     """The side's result, or why it did not run. A fresh process each, so peak memory is its own."""
     out_dir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=workdir))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
-           "ALIGNKIT_BENCH_DTYPE": dtype}
+           "ALIGNKIT_BENCH_DTYPE": dtype, "ALIGNKIT_BENCH_SHAPE": shape}
     # OpenMP threads that spin while waiting for each other lose their time slices to every other
     # process on a busy machine: on a loaded 2-core CPU one forward pass of the embedded model took
     # 20.4 s spinning and 5.5 s passive. Passive waiting, the same for every side, keeps the
@@ -150,7 +155,7 @@ def run_side(side: str, model_dir: str, steps: int, threads: int, workdir: Path,
     if side == "alignkit-before":
         if not before:
             return "not run: give --before DIR (an older checkout of this repository)"
-        cmd_side, script = "alignkit", Path(before).resolve() / "bench" / "bench_ppo.py"
+        cmd_side = "alignkit"
         env["PYTHONPATH"] = os.pathsep.join([str(Path(before).resolve() / "src"), env.get("PYTHONPATH", "")])
     if side == "trl-ppo":
         if not trl_ppo_path:
@@ -243,6 +248,10 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="float32 (default) for every side, or bfloat16: alignkit's dtype bfloat16 (frozen base "
                          "products in bfloat16 on the CPU) against TRL's bf16=True (autocast)")
+    ap.add_argument("--shape", choices=["bench", "demo"], default="bench",
+                    help="bench (default): 8 x 32 tokens at T=1, LoRA r 8 on q,k,v,o, the shop prompts; demo: "
+                         "the demo's PPO run (configs/demo/ppo.yaml): 8 x 48 tokens at T=0.7, LoRA r 16 on all "
+                         "seven projections, its training prompts (the reward stays the judge function)")
     ap.add_argument("--sides", default=",".join(SIDES),
                     help=f"comma-separated sides to run (default all: {','.join(SIDES)})")
     ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: one side, in a child
@@ -260,13 +269,15 @@ def main() -> None:
     if not set(sides) <= set(SIDES):
         ap.error(f"--sides: unknown {sorted(set(sides) - set(SIDES))}; choose from {','.join(SIDES)}")
 
+    os.environ["ALIGNKIT_BENCH_SHAPE"] = args.shape  # this process's settings too (the header below)
+    importlib.reload(common)
     import torch
 
     print(f"torch {torch.__version__}, {args.threads} threads per side, CPU; sides run one after another. "
           f"{common.COMPLETIONS_PER_STEP} completions x <= {common.MAX_NEW_TOKENS} new tokens per step, "
           f"LoRA r={common.LORA['r']} on {common.LORA['target_modules']}; {steps} measured steps + 1 warm-up; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine may be shared: read ratios); "
-          f"OpenMP wait policy: {args.omp_wait_policy}; dtype: {args.dtype}")
+          f"OpenMP wait policy: {args.omp_wait_policy}; dtype: {args.dtype}; shape: {args.shape}")
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             if model == "tiny":
@@ -286,7 +297,7 @@ def main() -> None:
                     print(f"{model}: {name}" + (f", round {round_ + 1}/{args.rounds}" if args.rounds > 1 else "")
                           + " ...", flush=True)
                     runs[side].append(run_side(side, model_dir, steps, args.threads, workdir, args.trl_ppo_path,
-                                                   args.omp_wait_policy, args.dtype, args.before))
+                                                   args.omp_wait_policy, args.dtype, args.before, args.shape))
             results = {side: median_result(r) for side, r in runs.items()}
             for ours, peers, target in TABLES:
                 print_table(model, results, args.rounds, ours, peers, target)
