@@ -32,6 +32,43 @@ def test_tail_logprobs_equal_a_full_forward(tiny):
             torch.testing.assert_close(got[b], want[-keep:], atol=1e-5, rtol=1e-5)
 
 
+def test_head_on_hidden_states_equals_the_models_own_logits(tiny, monkeypatch):
+    """The trainer's LM head on the hidden states (online.HEAD_ON_HIDDEN) gives the log-probs, hidden
+    states and gradients of the model's own logits path, with a LoRA adapter, at temperature 0.7 and 1,
+    and the model is asked for no logits."""
+    from alignkit import online
+    from alignkit.models.lora import attach_lora
+
+    import copy
+
+    torch.manual_seed(0)  # a copy: attach_lora changes the model it wraps, and `tiny` is shared
+    model = attach_lora(copy.deepcopy(tiny[0]), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18]], 0, "cpu")
+    logits_shapes = []
+    hook = model.register_forward_hook(lambda m, args, out: logits_shapes.append(tuple(out.logits.shape)))
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(online, "HEAD_ON_HIDDEN", on)
+        for temperature in (0.7, 1.0):
+            logp, hid = tail_logprobs(model, ids, mask, temperature, 3, hidden=True)
+            (logp.sum() + hid.sum()).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad(set_to_none=True)
+            results[on, temperature] = (logp.detach(), hid.detach(), grads)
+    hook.remove()
+    assert logits_shapes[-1][1] == 0 and logits_shapes[0][1] == 4  # no logits asked for, then keep + 1
+    for temperature in (0.7, 1.0):
+        (lp_a, h_a, g_a), (lp_b, h_b, g_b) = results[False, temperature], results[True, temperature]
+        torch.testing.assert_close(lp_b, lp_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h_b, h_a)
+        assert g_a and g_a.keys() == g_b.keys()
+        for k in g_a:
+            torch.testing.assert_close(g_b[k], g_a[k], atol=1e-5, rtol=1e-4)
+
+
 def test_tail_logprobs_drop_shared_padding_columns(tiny):
     """A minibatch of the two shorter rows of a left-padded batch, still carrying the longest row's
     padding, runs the model on the minibatch's own width and gives the log-probs (at temperature 1)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from alignkit.config import ProbeSettings, SelectSettings
 from alignkit.evaluate import monitors
@@ -99,29 +100,55 @@ def sample(engine, policy, prompts: list[str], seeds: list[int], *, max_new_toke
     return Rollout(gen, ids, mask, keep, tail_mask(lengths, keep), lengths, split)
 
 
+# The trainer's log-probs run the LM head themselves, on the positions that predict the tokens only,
+# laid out contiguously, through a fused log-softmax (cross entropy); the model is asked for no logits.
+# transformers' head runs on a strided slice of the hidden states, which torch multiplies as a batched
+# product on an expanded weight: on the embedded model (8 x 33 x 576 -> 49152) that forward took twice
+# as long, and forward + backward with the log-softmax about 1.3x. False: the model's own logits (a
+# test compares both ways).
+HEAD_ON_HIDDEN = True
+_NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep selecting no position
+
+
 def tail_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, keep: int,
                   hidden: bool = False):
     """log p of the last `keep` tokens of each row at `temperature`, (B, keep); with hidden=True also
     the last layer's hidden states at the positions that predict them, (B, keep, H).
 
-    The LM head and the softmax run on those positions only (logits_to_keep): the prompt's logits
-    would be thrown away, and at a 49k vocabulary they dominate the memory. Columns of left padding
-    shared by every row (a minibatch of shorter rows cut from a longer batch) are dropped first."""
+    The LM head and the softmax run on those positions only: the prompt's logits would be thrown
+    away, and at a 49k vocabulary they dominate the memory. Columns of left padding shared by every
+    row (a minibatch of shorter rows cut from a longer batch) are dropped first."""
     width = max(int(mask.sum(dim=1).max()), keep + 1)
     if width < ids.shape[1]:
         ids, mask = ids[:, -width:], mask[:, -width:]
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=hidden,
-                logits_to_keep=keep + 1)
-    logp = _tail_logp(out.logits, ids, temperature, keep)
-    return (logp, out.hidden_states[-1][:, -keep - 1:-1]) if hidden else logp
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **_tail_outputs(keep, hidden))
+    return _tail_result(model, out, ids, temperature, keep, hidden)
 
 
-def _tail_logp(logits: torch.Tensor, ids: torch.Tensor, temperature: float, keep: int) -> torch.Tensor:
-    logits = logits[:, -keep - 1:-1].float()  # (B, keep, V): position t predicts token t + 1
-    if temperature != 1.0:  # at 1, no (B, keep, V) copy to make and to differentiate through
-        logits = logits / temperature
-    return (logits.gather(2, ids[:, -keep:, None]) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(2)
+def _tail_outputs(keep: int, hidden: bool) -> dict:
+    if HEAD_ON_HIDDEN:
+        return {"logits_to_keep": _NO_LOGITS, "output_hidden_states": True}
+    return {"logits_to_keep": keep + 1, "output_hidden_states": hidden}
+
+
+def _tail_result(model, out, ids: torch.Tensor, temperature: float, keep: int, hidden: bool):
+    """(log p of the last `keep` tokens of `ids`[, the hidden states that predict them]) from a forward
+    pass's output over `ids`; position t predicts token t + 1."""
+    states = out.hidden_states[-1][:, -keep - 1:-1] if out.hidden_states is not None else None
+    targets = ids[:, -keep:]
+    if HEAD_ON_HIDDEN:
+        head = getattr(model, "module", model).get_output_embeddings()  # under DDP, the wrapped model's
+        logits = head(states.contiguous()).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    else:
+        logits = out.logits[:, -keep - 1:-1].float()
+        if temperature != 1.0:  # at 1, no (B, keep, V) copy to make and to differentiate through
+            logits = logits / temperature
+        logp = (logits.gather(2, targets[..., None]) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(2)
+    return (logp, states) if hidden else logp
 
 
 def rollout_logprobs(model, ro: Rollout, temperature: float, rows: torch.Tensor | None = None,
@@ -135,9 +162,8 @@ def rollout_logprobs(model, ro: Rollout, temperature: float, rows: torch.Tensor 
         ids, mask = (ro.ids, ro.mask) if rows is None else (ro.ids[rows], ro.mask[rows])
         return tail_logprobs(model, ids, mask, temperature, ro.keep, hidden=hidden)
     split = ro.split if rows is None else ro.split.select(rows)
-    out = forward_shared(model, split, logits_to_keep=ro.keep + 1, output_hidden_states=hidden)
-    logp = _tail_logp(out.logits, split.tail_ids, temperature, ro.keep)
-    return (logp, out.hidden_states[-1][:, -ro.keep - 1:-1]) if hidden else logp
+    out = forward_shared(model, split, **_tail_outputs(ro.keep, hidden))
+    return _tail_result(model, out, split.tail_ids, temperature, ro.keep, hidden)
 
 
 def sampler_gap(gen: Generation, trainer_logp: torch.Tensor) -> torch.Tensor:

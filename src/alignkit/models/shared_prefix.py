@@ -72,7 +72,8 @@ def forward_shared(model, split: PrefixSplit, **kwargs):
     whose key/value cache every row of a group reads. Returns the tail pass's output; `kwargs` go to
     it (logits_to_keep, output_hidden_states)."""
     prefix_pos = (split.prefix_mask.cumsum(dim=1) - 1).clamp(min=0)
-    prefix_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in kwargs else {}  # prefix logits are unused
+    # prefix logits are unused: logits_to_keep selecting no position
+    prefix_kwargs = {"logits_to_keep": torch.empty(0, dtype=torch.long)} if "logits_to_keep" in kwargs else {}
     cache = model(input_ids=split.prefix_ids, attention_mask=split.prefix_mask, position_ids=prefix_pos,
                   use_cache=True, **prefix_kwargs).past_key_values
     repeat_cache_rows(cache, split.row_group)  # each row reads its group's prefix (differentiable)
