@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="on: reuse the key/value cache of the prompt prefix read before; off: re-read "
                              "every prompt; compare: both, request by request, in the same run.")
     parser.add_argument("--drafting", choices=["on", "off", "compare"], default="on",
-                        help="on (default, as the demo runs): draft tokens looked up in the prompt and in earlier replies; "
-                             "off: one token per forward pass; compare: both, request by request, in the same run.")
+                        help="on (default, as the demo runs): draft tokens looked up in the prompt and in earlier "
+                             "replies; off: one token per forward pass; compare: both, request by request, in the "
+                             "same run.")
     parser.add_argument("--out", type=Path, default=Path("runs/shopbot/eval.json"),
                         help="Where to write the results (JSON).")
     args = parser.parse_args(argv)

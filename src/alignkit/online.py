@@ -92,8 +92,8 @@ def sample(engine, policy, prompts: list[str], seeds: list[int], *, max_new_toke
     # Several completions of a prompt: the trainer's passes read the prompt once per group. Distinct
     # prompts (PPO) still begin alike (the chat template's system turn, 24 tokens of the embedded
     # model's 35-70): all rows then form one group and read that once. None when too little is shared.
-    # A prompt's last token stays in each row's tail (its logits predict the first response token),
-    # so the tails, left-padded, are keep + 1 wide with the responses in the last `keep` columns, as in `ids`.
+    # A prompt's last token stays in each row's tail (its logits predict the first response token), so
+    # the tails, left-padded, are keep + 1 wide with the responses in the last `keep` columns, as in `ids`.
     groups = list(prompts) if n > 1 else [0] * len(prompts)
     split = split_shared_prefix([p + r for p, r in zip(gen.prompt_ids, responses)], groups,
                                 [len(p) - 1 for p in gen.prompt_ids], tokenizer.pad_token_id, device)

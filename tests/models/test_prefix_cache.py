@@ -232,4 +232,5 @@ def test_a_reply_decoded_before_drafts_the_next_one(model_and_tokenizer):
     again = decoder.generate(ids, max_new_tokens=20, logits_processor=steer)
     assert again == first
     assert decoder.accepted_tokens >= 15 and decoder.forward_passes <= 5
-    assert PrefixCachedDecoder(model, tokenizer, draft=0).generate(ids, max_new_tokens=20, logits_processor=steer) == first
+    plain = PrefixCachedDecoder(model, tokenizer, draft=0)
+    assert plain.generate(ids, max_new_tokens=20, logits_processor=steer) == first

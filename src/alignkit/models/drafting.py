@@ -67,11 +67,6 @@ class ReplyHistory:
             return []
         return self.replies[serial - first][1][end:end + max_tokens]
 
-    def clear(self) -> None:
-        self.replies.clear()
-        self.index.clear()
-        self.tokens = 0
-
 
 def lookup_draft(context: list[int], max_tokens: int, ngrams: tuple[int, ...] = NGRAMS,
                  history: ReplyHistory | None = None) -> list[int]:

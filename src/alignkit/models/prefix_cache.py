@@ -119,7 +119,8 @@ class PrefixCachedDecoder:
         model together in one forward pass (jump-forward decoding), and the reply ends as soon as the
         grammar is complete. logits_processor(input_ids (1, T), scores (1, V)) -> scores, as in the
         rollout engine. stop(new_ids) -> True ends the reply after the token just drawn. With
-        `draft` > 0, greedy (temperature 0) replies draft tokens by lookup in the prompt and in earlier replies (module docstring).
+        `draft` > 0, greedy (temperature 0) replies draft tokens by lookup in the prompt and in earlier
+        replies (module docstring).
         """
         from alignkit.models.cpu_linear import rows_first_linears
 
