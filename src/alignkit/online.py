@@ -127,8 +127,8 @@ def tail_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: flo
 
 
 def _tail_outputs(keep: int, hidden: bool) -> dict:
-    if HEAD_ON_HIDDEN:
-        return {"logits_to_keep": _NO_LOGITS, "output_hidden_states": True}
+    if HEAD_ON_HIDDEN:  # the last layer's (normed) hidden states only; the other layers' are not kept
+        return {"logits_to_keep": _NO_LOGITS, "output_hidden_states": [-1]}
     return {"logits_to_keep": keep + 1, "output_hidden_states": hidden}
 
 
