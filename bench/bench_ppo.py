@@ -24,8 +24,8 @@ Python function is called), 8 completions per step of at most 32 new tokens samp
 base's products in bfloat16, against TRL's `bf16=True`, autocast), one optimisation pass over the 8 completions per step
 (one batch, no accumulation), KL to the adapter-disabled base on. `--shape demo` runs the demo's PPO
 settings instead (configs/demo/ppo.yaml: its training prompts, at most 48 new tokens at temperature 0.7,
-LoRA r 16 / alpha 32 on all seven projections; the reward stays the same judge function). Not the same, by design of the
-algorithms: PPO scores 8 prompts once each, learns a value head and uses GAE advantages (with one
+LoRA r 16 / alpha 32 on all seven projections; the reward stays the same judge function). Not the
+same, by design of the algorithms: PPO scores 8 prompts once each, learns a value head and uses GAE advantages (with one
 epoch and one minibatch, as here, its update reuses the rollout's forward pass for the old log-probs
 and values, as GRPO with num_iterations 1 does); GRPO samples 8 completions of one prompt and uses
 group-normalised rewards as advantages; alignkit GRPO and TRL GRPO do the same work (KL as k3 in the
