@@ -139,8 +139,10 @@ def _tail_result(model, out, ids: torch.Tensor, temperature: float, keep: int, h
     targets = ids[:, -keep:]
     if HEAD_ON_HIDDEN:
         head = getattr(model, "module", model).get_output_embeddings()  # under DDP, the wrapped model's
-        logits = head(states.contiguous()).float()
-        if temperature != 1.0:
+        # without a bias, head(h) / T = head(h / T): divide the states (H wide), not the logits (V wide)
+        scale_states = temperature != 1.0 and getattr(head, "bias", None) is None
+        logits = head(states / temperature if scale_states else states.contiguous()).float()
+        if temperature != 1.0 and not scale_states:
             logits = logits / temperature
         logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
     else:

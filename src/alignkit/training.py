@@ -12,6 +12,7 @@ from alignkit.config import TrainSettings, dump_config
 from alignkit.errors import AlignkitError
 from alignkit.io import truncate_jsonl_after
 from alignkit.models import attach_lora, load_model, resolve_device
+from alignkit.models.lora import fused_lora_products
 from alignkit.runs import CONFIG_FILE, METRICS_FILE, new_run_dir
 
 
@@ -35,6 +36,7 @@ def load_trainable(cfg: TrainSettings, device):
             raise AlignkitError(f"model '{cfg.model}' is an adapter; full fine-tuning needs a full model "
                                 "(merge it first: alignkit models merge)")
         model.requires_grad_(True)
+    fused_lora_products(model)  # a loaded adapter's layers too (attach_lora patches its own)
     if torch.device(device).type == "cpu" and cfg.dtype == "bfloat16":
         bf16_frozen_products(model)
     model.train()

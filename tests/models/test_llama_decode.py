@@ -110,6 +110,10 @@ def test_models_it_does_not_compute_keep_transformers_forward(tiny):
         assert not llama_decode.supports(model)  # a hook expects its module to be called
     finally:
         handle.remove()
+    asked = copy.deepcopy(model)  # transformers hooks a model the first time it is asked for hidden states
+    with torch.no_grad():
+        asked(input_ids=torch.tensor([[5, 6, 7]]), output_hidden_states=True)
+    assert any(m._forward_hooks for m in asked.modules()) and llama_decode.supports(asked)  # inactive: lean
     scaled = copy.deepcopy(model)
     scaled.model.rotary_emb.attention_scaling = 0.5
     assert not llama_decode.supports(scaled)

@@ -88,3 +88,42 @@ def test_scalar_head_save_load_round_trip(tiny_model_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.score(ids["input_ids"], ids["attention_mask"]),
                                    model.score(ids["input_ids"], ids["attention_mask"]))
+
+
+@pytest.mark.parametrize("alpha,dropout", [(8, 0.0), (6, 0.2)])  # scale 2 (exact) and 1.5 (rounding)
+def test_fused_lora_forward_equals_peft_values_and_gradients(tiny_model_dir, alpha, dropout):
+    """lora_linear_forward against PEFT's own LoRA forward: outputs and every adapter gradient, in
+    training mode (dropout drawn from the same seed), with all seven projections adapted."""
+    from alignkit.models.lora import lora_linear_forward
+
+    base, tok = load_model(str(tiny_model_dir), device="cpu")
+    model = attach_lora(base, r=4, alpha=alpha, dropout=dropout,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    randomize_lora_b(model)
+    layers = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(layers) == 7 * model.config.num_hidden_layers
+    assert all(m.forward.func is lora_linear_forward for m in layers)
+    ids = tok(["Where is my order?", "Refund please, it broke"], return_tensors="pt", padding=True)
+    model.train()
+
+    def run(fused: bool):
+        saved = {m: m.__dict__.pop("forward") for m in layers} if not fused else {}
+        try:
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(3)
+            logits = model(**ids).logits
+            (logits.square().mean()).backward()
+        finally:
+            for m, f in saved.items():
+                m.forward = f
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logits.detach(), grads
+
+    (plain, plain_grads), (fused, fused_grads) = run(False), run(True)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys() and len(fused_grads) == 2 * len(layers)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4)
+    # and the adapter matters: disabled (PEFT's own path), the output differs
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.allclose(model(**ids).logits, fused, atol=1e-3)

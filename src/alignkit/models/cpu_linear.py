@@ -169,7 +169,7 @@ def frozen_linear_bf16(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor
     y = F.linear(flat, low_precision_weight(module)).to(torch.float32)
     if module.bias is not None:
         y = y + module.bias
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # 2-D: y itself, not a view
 
 
 def frozen_products_in_bf16(model: torch.nn.Module) -> int:

@@ -60,12 +60,21 @@ def supports(model) -> bool:
 
 
 def has_hooks(model) -> bool:
-    """True when a forward hook or pre-hook is registered on any module of `model`, or globally."""
+    """True when a forward hook or pre-hook is registered on any module of `model`, or globally.
+    transformers' own output-capturing hooks do not count: it installs them, for good, the first time a
+    model is asked for its hidden states (as the RL trainers' passes do), and they record nothing unless
+    a forward pass asks transformers for those outputs, which a decode step never does."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return any(m._forward_pre_hooks or any(not _output_capturing(h) for h in m._forward_hooks.values())
+               for m in model.modules())
+
+
+def _output_capturing(hook) -> bool:
+    return (getattr(hook, "__name__", "") == "output_capturing_hook"
+            and getattr(hook, "__module__", "") == "transformers.utils.output_capturing")
 
 
 def products(x: torch.Tensor, modules: list[torch.nn.Linear], low: bool) -> torch.Tensor:
