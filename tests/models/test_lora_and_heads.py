@@ -127,3 +127,33 @@ def test_fused_lora_forward_equals_peft_values_and_gradients(tiny_model_dir, alp
     # and the adapter matters: disabled (PEFT's own path), the output differs
     with torch.no_grad(), model.disable_adapter():
         assert not torch.allclose(model(**ids).logits, fused, atol=1e-3)
+
+
+def test_fused_lora_forward_with_a_base_layer_that_returns_a_view(tiny_model_dir):
+    """A base layer whose output is a view (it cannot be written in place) still gets the adapter's
+    product added, as PEFT adds it; and with the frozen products in bfloat16 (a base output made by a
+    patched layer) the fused forward equals PEFT's too."""
+    from alignkit.models.cpu_linear import frozen_products_in_bf16
+    from alignkit.models.lora import lora_linear_forward
+
+    base, _ = load_model(str(tiny_model_dir), device="cpu")
+    model = attach_lora(base, r=4, alpha=6, dropout=0.0, target_modules=["q_proj"])
+    randomize_lora_b(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+
+    def both():
+        want = type(layer).forward(layer, x)  # PEFT's own
+        got = lora_linear_forward(layer, x)
+        return got, want
+
+    inner = layer.base_layer
+    inner.forward = lambda h: torch.nn.functional.linear(h, inner.weight)[..., :]  # a view of the product
+    got, want = both()
+    assert inner(x.reshape(-1, x.shape[-1]))._base is not None
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    del inner.forward
+    assert frozen_products_in_bf16(model) > 0  # the base layer now multiplies in bfloat16
+    got, want = both()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, inner(x), atol=1e-3)  # the adapter is in both

@@ -35,7 +35,8 @@ def lora_linear_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     up to float rounding (exactly the same when the scale is a power of two); a test compares both.
 
     Anything but the plain case (the adapter disabled or merged, several active adapters, a variant such
-    as DoRA, per-call adapter names, autocast, an input of another dtype) takes PEFT's own forward."""
+    as DoRA, per-call adapter names, autocast, an input of another dtype than the adapter's) takes PEFT's
+    own forward."""
     adapters = layer.active_adapters
     if (args or kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1 or layer.lora_variant
             or adapters[0] not in layer.lora_A or torch.is_autocast_enabled(x.device.type)):
@@ -46,11 +47,12 @@ def lora_linear_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         return type(layer).forward(layer, x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
     out = layer.base_layer(flat)
-    if out.dtype != b.dtype or out.dim() != 2 or out._base is not None:  # in place only on a fresh 2-D tensor
-        return type(layer).forward(layer, x, *args, **kwargs)
     low_rank = F.linear(layer.lora_dropout[name](flat), a) * layer.scaling[name]
-    out.addmm_(low_rank, b.t())
-    return out.view(*x.shape[:-1], out.shape[-1])
+    if out.dtype == b.dtype and out.dim() == 2 and out._base is None:  # in place only on a fresh 2-D tensor
+        out.addmm_(low_rank, b.t())
+    else:  # a base layer that hands back a view or another dtype
+        out = out + F.linear(low_rank, b).to(out.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def fused_lora_products(model) -> int:
