@@ -18,6 +18,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # Decode products exact to float32 on every CPU (no bfloat16 on AMX CPUs), so that a test gives the
 # same tokens on every machine; tests of the bfloat16 products set it themselves.
 os.environ["ALIGNKIT_DECODE_PRECISION"] = "float32"
+# Training's frozen-weight products in float32 too (dtype "auto" picks bfloat16 on AMX CPUs); tests
+# of the bfloat16 products ask for it in their config.
+os.environ["ALIGNKIT_TRAIN_PRECISION"] = "float32"
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "alignkit" / "data" / "examples"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -83,10 +83,12 @@ class TrainSettings(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' uses CUDA when present, else the CPU."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """'auto' is bfloat16 autocast on CUDA and float32 on the CPU. 'bfloat16' on a CPU multiplies the
-    frozen weights (LoRA's base, a tied LM head) in bfloat16 while the adapters, attention, norms and
-    the loss stay float32: several times faster matrix products on CPUs with AMX (Intel Sapphire
-    Rapids and later), slower elsewhere; with full fine-tuning nothing is frozen, so it stays float32."""
+    """'bfloat16' on a CPU multiplies the frozen weights (LoRA's base, a tied LM head) in bfloat16
+    while the adapters, attention, norms and the loss stay float32: several times faster matrix
+    products on CPUs with AMX (Intel Sapphire Rapids and later), slower elsewhere; with full
+    fine-tuning nothing is frozen, so it stays float32. On CUDA it is bfloat16 autocast. 'auto' is
+    bfloat16 on CUDA and on CPUs with AMX, float32 on other CPUs (the environment variable
+    ALIGNKIT_TRAIN_PRECISION=float32 keeps float32 everywhere). 'float32' is float32 everywhere."""
 
 
 class SFTConfig(TrainSettings):

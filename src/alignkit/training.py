@@ -3,6 +3,7 @@ checkpoint save/restore. Plain functions a recipe calls in order; the loop stays
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -37,20 +38,39 @@ def load_trainable(cfg: TrainSettings, device):
                                 "(merge it first: alignkit models merge)")
         model.requires_grad_(True)
     fused_lora_products(model)  # a loaded adapter's layers too (attach_lora patches its own)
-    if torch.device(device).type == "cpu" and cfg.dtype == "bfloat16":
-        bf16_frozen_products(model)
+    if torch.device(device).type == "cpu" and cpu_train_precision(cfg.dtype) == "bfloat16":
+        bf16_frozen_products(model, quiet=cfg.dtype == "auto")
     model.train()
     return model, tokenizer
 
 
-def bf16_frozen_products(model) -> None:
-    """`dtype: bfloat16` on a CPU: the frozen weights' products in bfloat16 (models.cpu_linear), the
-    trainable weights, attention, norms and the loss in float32. Worth it where the CPU multiplies
-    bfloat16 on AMX tiles; elsewhere it is slower than float32, and said so."""
+def cpu_train_precision(dtype: str) -> str:
+    """The precision of the frozen weights' products when training on a CPU: `dtype` itself, or for
+    "auto" bfloat16 where the CPU multiplies bfloat16 on AMX tiles and float32 elsewhere (as the
+    rollout engine's decode products do). The environment variable ALIGNKIT_TRAIN_PRECISION
+    ("auto", "float32" or "bfloat16") overrides "auto" for a process and its children (the tests set
+    float32, so that a test trains the same on every CPU)."""
+    from alignkit.models.cpu_linear import PRECISIONS, cpu_has_amx_bf16
+
+    if dtype != "auto":
+        return dtype
+    wanted = os.environ.get("ALIGNKIT_TRAIN_PRECISION", "auto").strip().lower() or "auto"
+    if wanted not in PRECISIONS:
+        raise AlignkitError(f"ALIGNKIT_TRAIN_PRECISION={wanted!r}: choose one of {', '.join(PRECISIONS)}")
+    if wanted == "auto":
+        return "bfloat16" if cpu_has_amx_bf16() else "float32"
+    return wanted
+
+
+def bf16_frozen_products(model, quiet: bool = False) -> None:
+    """Frozen-weight products in bfloat16 on a CPU (models.cpu_linear): the trainable weights,
+    attention, norms and the loss stay float32. Worth it where the CPU multiplies bfloat16 on AMX
+    tiles; elsewhere it is slower than float32, and said so (`quiet`: "auto" chose it, say nothing)."""
     from alignkit.models.cpu_linear import cpu_has_amx_bf16, frozen_products_in_bf16
 
     if frozen_products_in_bf16(model) == 0:
-        print("dtype bfloat16: no frozen linear layer to multiply in bfloat16 (full fine-tuning trains in float32)")
+        if not quiet:
+            print("dtype bfloat16: no frozen linear layer to multiply in bfloat16 (full fine-tuning trains in float32)")
     elif not cpu_has_amx_bf16():
         print("dtype bfloat16: this CPU has no AMX bfloat16 tiles, so its bfloat16 products run slower than "
               "float32 (dtype float32 or auto is faster here)")

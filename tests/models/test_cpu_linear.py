@@ -223,3 +223,32 @@ def test_bfloat16_training_dtype_patches_the_frozen_base_only(tiny_model_dir, mo
     prompts = [f"Where is order {i}?" for i in range(3)]
     same = RolloutEngine(exact, tok).generate(prompts, max_new_tokens=6, temperature=0.0)
     assert engine.generate(prompts, max_new_tokens=6, temperature=0.0).tokens == same.tokens
+
+
+def test_auto_training_dtype_is_bfloat16_only_on_amx_cpus(tiny_model_dir, monkeypatch):
+    """`dtype: auto` (the default) on a CPU: the frozen products in bfloat16 where the CPU has AMX,
+    float32 elsewhere; ALIGNKIT_TRAIN_PRECISION overrides "auto" only, and a bad value is an error."""
+    from alignkit.config import SFTConfig
+    from alignkit.errors import AlignkitError
+    from alignkit.training import cpu_train_precision, load_trainable
+
+    def patched(dtype="auto"):
+        cfg = SFTConfig.model_validate({"model": str(tiny_model_dir), "dtype": dtype,
+                                        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                                        "data": {"train": "unused.jsonl"}})
+        model, _ = load_trainable(cfg, torch.device("cpu"))
+        return any(cpu_linear.is_frozen_product_patch(m) for m in model.modules())
+
+    monkeypatch.setenv("ALIGNKIT_TRAIN_PRECISION", "auto")
+    for amx in (True, False):
+        monkeypatch.setattr(cpu_linear, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        assert cpu_train_precision("auto") == ("bfloat16" if amx else "float32")
+        assert patched() is amx
+        assert cpu_train_precision("float32") == "float32" and not patched("float32")
+    monkeypatch.setattr(cpu_linear, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setenv("ALIGNKIT_TRAIN_PRECISION", "float32")
+    assert cpu_train_precision("auto") == "float32" and not patched()
+    assert cpu_train_precision("bfloat16") == "bfloat16"  # the override leaves an explicit dtype alone
+    monkeypatch.setenv("ALIGNKIT_TRAIN_PRECISION", "half")
+    with pytest.raises(AlignkitError, match="ALIGNKIT_TRAIN_PRECISION"):
+        cpu_train_precision("auto")
