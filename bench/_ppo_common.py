@@ -25,10 +25,21 @@ LEARNING_RATE = 1e-4
 KL_COEF = 0.05  # alignkit kl_coef, TRL PPO kl_coef and TRL GRPO beta: the KL term is on for every side
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 SEED = 0
-# "float32" (default) or "bfloat16" for every side, set by bench_ppo.py --dtype through the environment:
+# "float32" (default), "bfloat16" or "auto" for every side, set by bench_ppo.py --dtype through the environment:
 # alignkit's `dtype: bfloat16` (the frozen base's products in bfloat16 on the CPU) and TRL's `bf16=True`
 # (its own default: autocast to bfloat16).
+# "auto": each side's default, alignkit's `dtype: auto` (bfloat16 frozen products on a CPU with AMX,
+# float32 elsewhere) and TRL's bf16 on the same condition; the older checkout's own `auto`.
 DTYPE = os.environ.get("ALIGNKIT_BENCH_DTYPE", "float32")
+
+
+def trl_bf16() -> bool:
+    """TRL's bf16 flag for DTYPE: on for bfloat16, and for auto where alignkit's auto picks bfloat16."""
+    if DTYPE == "auto":
+        from alignkit.models.cpu_linear import cpu_has_amx_bf16
+
+        return cpu_has_amx_bf16()
+    return DTYPE == "bfloat16"
 # "bench" (default: the settings above) or "demo", set by bench_ppo.py --shape through the environment:
 # the demo's PPO run (configs/demo/ppo.yaml): its training prompts, at most 48 new tokens at temperature
 # 0.7, LoRA r 16 on all seven projections, learning rate 1e-3, KL coefficient 0.1. The reward stays the

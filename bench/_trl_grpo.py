@@ -34,7 +34,7 @@ def run(model_dir: str, steps: int, workdir: Path) -> dict:
         output_dir=str(workdir / "trl-grpo"), report_to="none", save_strategy="no", use_cpu=True,
         # float32 (or bfloat16 autocast with --dtype bfloat16) without activation checkpointing, as
         # alignkit trains; TRL defaults to bfloat16 and checkpointing otherwise.
-        bf16=common.DTYPE == "bfloat16", gradient_checkpointing=False,
+        bf16=common.trl_bf16(), gradient_checkpointing=False,
         num_generations=n, per_device_train_batch_size=n, gradient_accumulation_steps=1, num_iterations=1,
         max_completion_length=common.MAX_NEW_TOKENS, temperature=common.TEMPERATURE, top_p=1.0,
         beta=common.KL_COEF, learning_rate=common.LEARNING_RATE, lr_scheduler_type="constant",

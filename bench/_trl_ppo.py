@@ -93,7 +93,7 @@ def run(model_dir: str, steps: int, workdir: Path) -> dict:
     args = PPOConfig(
         output_dir=str(workdir / "trl-ppo"), report_to="none", save_strategy="no", use_cpu=True,
         # alignkit trains in float32 without activation checkpointing; TRL defaults to both otherwise.
-        bf16=common.DTYPE == "bfloat16", gradient_checkpointing=False,
+        bf16=common.trl_bf16(), gradient_checkpointing=False,
         per_device_train_batch_size=n, gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1,
         total_episodes=n * (steps + 1), local_rollout_forward_batch_size=n, response_length=common.MAX_NEW_TOKENS,
         temperature=common.TEMPERATURE, kl_coef=common.KL_COEF, learning_rate=common.LEARNING_RATE,

@@ -2,7 +2,7 @@
 per step, completion tokens/s and peak memory, each as a ratio against the peer measured in the same run.
 
     python bench/bench_ppo.py [--steps 4] [--models tiny,embedded] [--threads 2] [--rounds 1] [--quick]
-                              [--trl-ppo-path DIR] [--before DIR] [--sides S,...] [--dtype bfloat16]
+                              [--trl-ppo-path DIR] [--before DIR] [--sides S,...] [--dtype bfloat16|auto]
                               [--shape demo] [--omp-wait-policy default]
 
 Sides, each run in a fresh process, one after the other:
@@ -21,7 +21,8 @@ Sides, each run in a fresh process, one after the other:
 The same for every side: the shipped shop prompts, the reward configs/judge_safety.yaml (the same
 Python function is called), 8 completions per step of at most 32 new tokens sampled at temperature
 1, LoRA r 8 / alpha 16 on q,k,v,o, float32 (--dtype bfloat16: alignkit's `dtype: bfloat16`, the frozen
-base's products in bfloat16, against TRL's `bf16=True`, autocast), one optimisation pass over the 8 completions per step
+base's products in bfloat16, against TRL's `bf16=True`, autocast; --dtype auto: each side's default, which
+on a CPU with AMX is alignkit's bfloat16 frozen products), one optimisation pass over the 8 completions per step
 (one batch, no accumulation), KL to the adapter-disabled base on. `--shape demo` runs the demo's PPO
 settings instead (configs/demo/ppo.yaml: its training prompts, at most 48 new tokens at temperature 0.7,
 LoRA r 16 / alpha 32 on all seven projections; the reward stays the same judge function). Not the
@@ -245,9 +246,11 @@ def main() -> None:
     ap.add_argument("--before", default=None,
                     help="an older checkout of this repository whose PPO side runs as 'alignkit-before' "
                          "(e.g. git worktree add ../alignkit-before COMMIT); without it that side is skipped")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
                     help="float32 (default) for every side, or bfloat16: alignkit's dtype bfloat16 (frozen base "
-                         "products in bfloat16 on the CPU) against TRL's bf16=True (autocast)")
+                         "products in bfloat16 on the CPU) against TRL's bf16=True (autocast), or auto: each "
+                         "side's default (alignkit's auto: bfloat16 on a CPU with AMX; TRL's bf16 on the same "
+                         "condition; the older checkout's own auto)")
     ap.add_argument("--shape", choices=["bench", "demo"], default="bench",
                     help="bench (default): 8 x 32 tokens at T=1, LoRA r 8 on q,k,v,o, the shop prompts; demo: "
                          "the demo's PPO run (configs/demo/ppo.yaml): 8 x 48 tokens at T=0.7, LoRA r 16 on all "
