@@ -88,7 +88,7 @@ class TrainSettings(Strict):
     products on CPUs with AMX (Intel Sapphire Rapids and later), slower elsewhere; with full
     fine-tuning nothing is frozen, so it stays float32. On CUDA it is bfloat16 autocast. 'auto' is
     bfloat16 on CUDA and on CPUs with AMX, float32 on other CPUs (the environment variable
-    ALIGNKIT_TRAIN_PRECISION=float32 keeps float32 everywhere). 'float32' is float32 everywhere."""
+    ALIGNKIT_TRAIN_PRECISION=float32 makes it float32 on every CPU). 'float32' is float32 everywhere."""
 
 
 class SFTConfig(TrainSettings):
