@@ -3,7 +3,6 @@ checkpoint save/restore. Plain functions a recipe calls in order; the loop stays
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -50,16 +49,14 @@ def cpu_train_precision(dtype: str) -> str:
     rollout engine's decode products do). The environment variable ALIGNKIT_TRAIN_PRECISION
     ("auto", "float32" or "bfloat16") overrides "auto" for a process and its children (the tests set
     float32, so that a test trains the same on every CPU)."""
-    from alignkit.models.cpu_linear import PRECISIONS, cpu_has_amx_bf16
+    from alignkit.models import cpu_linear
 
     if dtype != "auto":
         return dtype
-    wanted = os.environ.get("ALIGNKIT_TRAIN_PRECISION", "auto").strip().lower() or "auto"
-    if wanted not in PRECISIONS:
-        raise AlignkitError(f"ALIGNKIT_TRAIN_PRECISION={wanted!r}: choose one of {', '.join(PRECISIONS)}")
-    if wanted == "auto":
-        return "bfloat16" if cpu_has_amx_bf16() else "float32"
-    return wanted
+    try:
+        return cpu_linear.precision_from_env("ALIGNKIT_TRAIN_PRECISION")
+    except ValueError as e:
+        raise AlignkitError(str(e)) from None
 
 
 def bf16_frozen_products(model, quiet: bool = False) -> None:

@@ -57,9 +57,16 @@ def cpu_has_amx_bf16() -> bool:
 
 def decode_precision() -> str:
     """The precision decode products run in now: "float32" or "bfloat16" ("auto" resolved for this CPU)."""
-    wanted = os.environ.get("ALIGNKIT_DECODE_PRECISION", "auto").strip().lower() or "auto"
+    return precision_from_env("ALIGNKIT_DECODE_PRECISION")
+
+
+def precision_from_env(variable: str) -> str:
+    """The precision an environment variable asks for ("auto", the default, "float32" or "bfloat16"),
+    "auto" resolved for this CPU: bfloat16 where it multiplies bfloat16 on AMX tiles, else float32.
+    A value that is none of these raises ValueError naming the variable."""
+    wanted = os.environ.get(variable, "auto").strip().lower() or "auto"
     if wanted not in PRECISIONS:
-        raise ValueError(f"ALIGNKIT_DECODE_PRECISION={wanted!r}: choose one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"{variable}={wanted!r}: choose one of {', '.join(PRECISIONS)}")
     if wanted == "auto":
         return "bfloat16" if cpu_has_amx_bf16() else "float32"
     return wanted
