@@ -22,7 +22,7 @@ from alignkit.evaluate.monitors import distinct_n, mean_repetition
 from alignkit.evaluate.rewards import load_reward
 from alignkit.io import batch_seed
 from alignkit.models.generation import Generation, left_pad, tail_mask
-from alignkit.models.shared_prefix import PrefixSplit, forward_shared, split_shared_prefix
+from alignkit.models.shared_prefix import NO_LOGITS, PrefixSplit, forward_shared, split_shared_prefix
 from alignkit.runs import METRICS_FILE
 
 
@@ -107,7 +107,6 @@ def sample(engine, policy, prompts: list[str], seeds: list[int], *, max_new_toke
 # as long, and forward + backward with the log-softmax about 1.3x. False: the model's own logits (a
 # test compares both ways).
 HEAD_ON_HIDDEN = True
-_NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep selecting no position
 
 
 def tail_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, keep: int,
@@ -128,7 +127,7 @@ def tail_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, temperature: flo
 
 def _tail_outputs(keep: int, hidden: bool) -> dict:
     if HEAD_ON_HIDDEN:  # the last layer's (normed) hidden states only; the other layers' are not kept
-        return {"logits_to_keep": _NO_LOGITS, "output_hidden_states": [-1]}
+        return {"logits_to_keep": NO_LOGITS, "output_hidden_states": [-1]}
     return {"logits_to_keep": keep + 1, "output_hidden_states": hidden}
 
 

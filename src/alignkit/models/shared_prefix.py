@@ -21,6 +21,9 @@ from alignkit.models.generation import left_pad
 from alignkit.models.rollout import common_prefix_length
 
 
+NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep selecting no position
+
+
 @dataclass
 class PrefixSplit:
     """Rows cut into a per-group prefix and a per-row tail, both left-padded."""
@@ -72,8 +75,7 @@ def forward_shared(model, split: PrefixSplit, **kwargs):
     whose key/value cache every row of a group reads. Returns the tail pass's output; `kwargs` go to
     it (logits_to_keep, output_hidden_states)."""
     prefix_pos = (split.prefix_mask.cumsum(dim=1) - 1).clamp(min=0)
-    # prefix logits are unused: logits_to_keep selecting no position
-    prefix_kwargs = {"logits_to_keep": torch.empty(0, dtype=torch.long)} if "logits_to_keep" in kwargs else {}
+    prefix_kwargs = {"logits_to_keep": NO_LOGITS} if "logits_to_keep" in kwargs else {}  # prefix logits are unused
     cache = model(input_ids=split.prefix_ids, attention_mask=split.prefix_mask, position_ids=prefix_pos,
                   use_cache=True, **prefix_kwargs).past_key_values
     repeat_cache_rows(cache, split.row_group)  # each row reads its group's prefix (differentiable)
