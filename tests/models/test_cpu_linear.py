@@ -158,8 +158,22 @@ def test_engine_in_bfloat16_sees_the_policy_after_sync(tiny_model_dir, monkeypat
                 p.normal_(0, 0.5)
     policy(input_ids=ids, labels=ids).loss.backward()
     opt.step()
+    kept = {n: m.__dict__["_bf16_weight"][1] for n, m in engine.model.named_modules() if "_bf16_weight" in m.__dict__}
     engine.sync(policy)
     after = engine.generate(prompts, max_new_tokens=8, temperature=1.0, seed=3, return_logprobs=True)
+    # sync rewrote the kept bfloat16 copies in place (a fused weight's rows with them) rather than
+    # dropping them: the same tensors, now holding the new weights
+    modules = dict(engine.model.named_modules())
+    assert any(n.endswith(("q_proj", "v_proj", "o_proj")) for n in kept)
+    for name, copy in kept.items():
+        now = modules[name].__dict__["_bf16_weight"][1]
+        assert now is copy or (now.data_ptr() == copy.data_ptr() and now.shape == copy.shape), name
+        assert torch.equal(now, modules[name].weight.bfloat16()), name
+    for m in modules.values():
+        if "_bf16_fused" in m.__dict__:  # a fused weight is its modules' bfloat16 weights side by side
+            fused, start = m.__dict__["_bf16_fused"][1], 0
+            members = [x for x in modules.values() if x.__dict__.get("_bf16_fused") is m.__dict__["_bf16_fused"]]
+            assert torch.equal(fused, torch.cat([x.weight.bfloat16() for x in members]))
     fresh = RolloutEngine(policy, tok).generate(prompts, max_new_tokens=8, temperature=1.0, seed=3,
                                                 return_logprobs=True)
     assert after.tokens == fresh.tokens

@@ -76,6 +76,32 @@ def test_sampled_logprobs_equal_forward_pass_with_left_padding(kind, tiny, lora_
         torch.testing.assert_close(out.logprobs[i], expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("alpha", [8, 6])  # scaling 2 and 1.5
+def test_merged_weight_has_the_bits_of_peft_merge(tiny_model_dir, alpha):
+    """W + scaling * B A, bit for bit what PEFT's own merge writes, whether into a new tensor or in place
+    into an existing one; W alone with the adapter disabled."""
+    from alignkit.models.rollout import lora_layers, merged_weight
+
+    model, _ = load_model(str(tiny_model_dir), device="cpu")
+    policy = attach_lora(model, r=4, alpha=alpha, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        layers = lora_layers(policy)
+        assert len(layers) == 3 * policy.config.num_hidden_layers
+        for layer in layers.values():
+            base = layer.get_base_layer().weight
+            peft = base + layer.get_delta_weight("default")
+            assert torch.equal(merged_weight(layer), peft)
+            out = torch.full_like(base, 7.0)
+            assert merged_weight(layer, out=out) is out and torch.equal(out, peft)
+            assert not torch.equal(peft, base)  # the adapter moved the weight
+        with policy.disable_adapter():
+            assert all(torch.equal(merged_weight(m), m.get_base_layer().weight) for m in layers.values())
+
+
 def test_sync_after_optimizer_step_gives_the_updated_logits(lora_policy):
     policy, tok = lora_policy
     engine = RolloutEngine(policy, tok)

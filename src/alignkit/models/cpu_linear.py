@@ -75,7 +75,7 @@ def precision_from_env(variable: str) -> str:
 def low_precision_weight(module: torch.nn.Linear) -> torch.Tensor:
     """A bfloat16 copy of `module.weight`, made once and kept on the module while the weight is the
     same tensor, unwritten. Inference tensors carry no version counter: whoever writes one in place
-    (the rollout engine's `sync`) calls `forget_low_precision` on the model."""
+    (the rollout engine's `sync`) calls `refresh_low_precision` or `forget_low_precision` on the module."""
     stamp = weight_stamp(module.weight)
     kept = module.__dict__.get("_bf16_weight")
     if kept is None or kept[0] != stamp:
@@ -114,6 +114,23 @@ def forget_low_precision(model: torch.nn.Module) -> None:
     for m in model.modules():
         m.__dict__.pop("_bf16_weight", None)
         m.__dict__.pop("_bf16_fused", None)
+
+
+def refresh_low_precision(module: torch.nn.Module) -> None:
+    """After `module.weight` was written in place: rewrite its kept bfloat16 copy in place from it, so
+    that a copy which is a view of a fused weight (`fused_low_precision_weight`) updates that fused
+    weight's rows too and nothing is rebuilt (the rollout engine's `sync`, every RL step). Where the
+    copy was made from another tensor, or the weight keeps a version counter (a normal tensor, whose
+    write has moved its stamp), the module's copies are forgotten instead, to be made anew on use."""
+    kept = module.__dict__.get("_bf16_weight")
+    if kept is None:
+        return
+    w = module.weight
+    if w.is_inference() and kept[0] == weight_stamp(w) and kept[1].shape == w.shape:
+        kept[1].copy_(w.detach())
+    else:
+        module.__dict__.pop("_bf16_weight", None)
+        module.__dict__.pop("_bf16_fused", None)
 
 
 def rows_first_linear(module: torch.nn.Linear, x: torch.Tensor, low_precision: bool = False) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from alignkit.models import llama_decode
-from alignkit.models.cpu_linear import forget_low_precision, is_frozen_product_patch, rows_first_linears
+from alignkit.models.cpu_linear import is_frozen_product_patch, refresh_low_precision, rows_first_linears
 from alignkit.models.generation import Generation, Prompt, eos_ids, left_pad, render_prompt
 from alignkit.models.sampling import row_seeds, sample, uniforms
 
@@ -44,19 +44,29 @@ def lora_layers(model) -> dict:
     return {name: m for name, m in plain_model(model).named_modules() if isinstance(m, LoraLayer)}
 
 
-def merged_weight(layer) -> torch.Tensor:
-    """A new tensor W + sum over active adapters of (alpha/r) B A; W alone while adapters are disabled
-    or already merged into W. The layer's own weights are left untouched."""
+def merged_weight(layer, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W + sum over active adapters of (alpha/r) B A, written into `out` (a new tensor when None); W alone
+    while adapters are disabled or already merged into W. The layer's own weights are left untouched.
+    The same bits as PEFT's merge (the product B A, scaled, added to W), with one temporary of W's size
+    per adapter rather than three, and no copy of W beside it."""
     base = layer.get_base_layer()
     if getattr(layer, "lora_variant", None) and any(a in layer.lora_variant for a in layer.active_adapters):
         raise NotImplementedError("the rollout engine merges plain LoRA only (no DoRA or other variants)")
-    weight = base.weight.detach().clone()
-    if layer.disable_adapters or layer.merged:
-        return weight
-    for adapter in layer.active_adapters:
-        if adapter in layer.lora_A:
-            weight += layer.get_delta_weight(adapter).to(weight.dtype)
-    return weight
+    weight = base.weight.detach()
+    out = torch.empty_like(weight) if out is None else out
+    adapters = [] if layer.disable_adapters or layer.merged else [a for a in layer.active_adapters if a in layer.lora_A]
+    if not adapters:
+        return out.copy_(weight)
+    for i, adapter in enumerate(adapters):
+        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        if layer.fan_in_fan_out or not (A.dtype == B.dtype == weight.dtype):
+            delta = layer.get_delta_weight(adapter).to(weight.dtype)  # PEFT's own, for the unusual layouts
+        else:
+            delta = torch.mm(B, A)  # get_delta_weight's B @ A * scaling, in place
+            if layer.scaling[adapter] != 1:
+                delta.mul_(layer.scaling[adapter])
+        torch.add(weight if i == 0 else out, delta, out=out)
+    return out
 
 
 @torch.inference_mode()
@@ -148,14 +158,14 @@ class RolloutEngine:
         modules = dict(self.model.named_modules())
         layers = lora_layers(base)
         for name, layer in layers.items():
-            modules[name].weight.copy_(merged_weight(layer))
-            forget_low_precision(modules[name])  # its bfloat16 copy, if any, holds the old weight (cpu_linear)
+            merged_weight(layer, out=modules[name].weight)
+            refresh_low_precision(modules[name])  # its bfloat16 copy, if any, held the old weight (cpu_linear)
         source = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if ".lora_" not in n}
         merged = {f"{name}.weight" for name in layers}
         for name, p in self.model.named_parameters():
             if name not in merged and p is not source[name]:
                 p.copy_(source[name])
-                forget_low_precision(modules[name.rpartition(".")[0]])
+                refresh_low_precision(modules[name.rpartition(".")[0]])
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Prompt | list[int]], *, n: int = 1, max_new_tokens: int = 64,
