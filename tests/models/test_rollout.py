@@ -76,13 +76,15 @@ def test_sampled_logprobs_equal_forward_pass_with_left_padding(kind, tiny, lora_
         torch.testing.assert_close(out.logprobs[i], expected, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("alpha", [8, 6])  # scaling 2 and 1.5
-def test_merged_weight_has_the_bits_of_peft_merge(tiny_model_dir, alpha):
-    """W + scaling * B A, bit for bit what PEFT's own merge writes, whether into a new tensor or in place
-    into an existing one; W alone with the adapter disabled."""
+@pytest.mark.parametrize("alpha,dtype", [(8, torch.float32), (6, torch.float32), (6, torch.bfloat16)])
+def test_merged_weight_has_the_bits_of_peft_merge(tiny_model_dir, alpha, dtype):
+    """W + scaling * B A (scaling 2 and 1.5), bit for bit what PEFT's own merge writes, whether into a
+    new tensor or in place into an existing one, for float32 and bfloat16 weights; W alone with the
+    adapter disabled."""
     from alignkit.models.rollout import lora_layers, merged_weight
 
     model, _ = load_model(str(tiny_model_dir), device="cpu")
+    model.to(dtype)
     policy = attach_lora(model, r=4, alpha=alpha, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
     torch.manual_seed(2)
     with torch.no_grad():
@@ -93,7 +95,8 @@ def test_merged_weight_has_the_bits_of_peft_merge(tiny_model_dir, alpha):
         assert len(layers) == 3 * policy.config.num_hidden_layers
         for layer in layers.values():
             base = layer.get_base_layer().weight
-            peft = base + layer.get_delta_weight("default")
+            peft = base.clone()
+            peft += layer.get_delta_weight("default")  # the line of PEFT's merge()
             assert torch.equal(merged_weight(layer), peft)
             out = torch.full_like(base, 7.0)
             assert merged_weight(layer, out=out) is out and torch.equal(out, peft)

@@ -47,8 +47,8 @@ def lora_layers(model) -> dict:
 def merged_weight(layer, out: torch.Tensor | None = None) -> torch.Tensor:
     """W + sum over active adapters of (alpha/r) B A, written into `out` (a new tensor when None); W alone
     while adapters are disabled or already merged into W. The layer's own weights are left untouched.
-    The same bits as PEFT's merge (the product B A, scaled, added to W), with one temporary of W's size
-    per adapter rather than three, and no copy of W beside it."""
+    The same bits as PEFT's own merge (`merge()`: the product B A, scaled, added to W), with one
+    temporary of W's size per adapter rather than three, and no copy of W beside it."""
     base = layer.get_base_layer()
     if getattr(layer, "lora_variant", None) and any(a in layer.lora_variant for a in layer.active_adapters):
         raise NotImplementedError("the rollout engine merges plain LoRA only (no DoRA or other variants)")
@@ -59,8 +59,10 @@ def merged_weight(layer, out: torch.Tensor | None = None) -> torch.Tensor:
         return out.copy_(weight)
     for i, adapter in enumerate(adapters):
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        if layer.fan_in_fan_out or not (A.dtype == B.dtype == weight.dtype):
-            delta = layer.get_delta_weight(adapter).to(weight.dtype)  # PEFT's own, for the unusual layouts
+        if layer.fan_in_fan_out or not (A.dtype == B.dtype == weight.dtype == torch.float32):
+            # PEFT's own for other layouts and dtypes (it multiplies half-precision factors in float32 on a
+            # CPU); added as PEFT's merge adds it, in the wider of the two dtypes and rounded once into `out`
+            delta = layer.get_delta_weight(adapter)
         else:
             delta = torch.mm(B, A)  # get_delta_weight's B @ A * scaling, in place
             if layer.scaling[adapter] != 1:
