@@ -129,8 +129,7 @@ def refresh_low_precision(module: torch.nn.Module) -> None:
     if w.is_inference() and kept[0] == weight_stamp(w) and kept[1].shape == w.shape:
         kept[1].copy_(w.detach())
     else:
-        module.__dict__.pop("_bf16_weight", None)
-        module.__dict__.pop("_bf16_fused", None)
+        forget_low_precision(module)
 
 
 def rows_first_linear(module: torch.nn.Linear, x: torch.Tensor, low_precision: bool = False) -> torch.Tensor:
