@@ -183,6 +183,7 @@ def median_result(rounds: list[dict | str]) -> dict | str:
     out = {key: statistics.median(r[key] for r in rounds)
            for key in ("s_per_step", "tokens_per_s", "tokens_per_step", "peak_rss_mb")}
     out["tokens_per_s_range"] = (min(r["tokens_per_s"] for r in rounds), max(r["tokens_per_s"] for r in rounds))
+    out["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in rounds]
     if "phases" in rounds[0]:
         out["phases"] = {k: statistics.median(r["phases"][k] for r in rounds) for k in rounds[0]["phases"]}
     return out
@@ -219,6 +220,15 @@ def print_table(model: str, results: dict[str, dict | str], rounds: int, ours_si
         if res.get("phases"):
             print(f"{SIDES[side]}: seconds per step by phase: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in sorted(res["phases"].items(), key=lambda kv: -kv[1])))
+    if rounds > 1 and isinstance(ours, dict):
+        for s in peers:
+            peer = results[s]
+            if isinstance(peer, dict):
+                # each round runs the sides back to back, so a round's ratio shares that round's load
+                paired = [a / b for a, b in zip(ours["tokens_per_s_rounds"], peer["tokens_per_s_rounds"])]
+                print(f"completion tokens/s, {SIDES[ours_side]} / {SIDES[s]} round by round: median "
+                      f"{statistics.median(paired):.2f}x, range {min(paired):.2f}-{max(paired):.2f}x "
+                      f"({', '.join(f'{p:.2f}' for p in paired)})")
     grpo = results["trl-grpo"]
     if target and isinstance(ours, dict) and isinstance(grpo, dict):
         met = ours["tokens_per_s"] >= target * grpo["tokens_per_s"]

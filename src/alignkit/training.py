@@ -3,6 +3,10 @@ checkpoint save/restore. Plain functions a recipe calls in order; the loop stays
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -17,12 +21,52 @@ from alignkit.runs import CONFIG_FILE, METRICS_FILE, new_run_dir
 
 
 def make_accelerator(cfg: TrainSettings):
-    """An Accelerator on the configured device; weights stay float32, bf16 autocast on CUDA."""
+    """An Accelerator on the configured device; weights stay float32, bf16 autocast on CUDA. On a CPU,
+    the process's allocator keeps freed memory for reuse from here on (`keep_freed_memory`)."""
     from accelerate import Accelerator
 
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     use_bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
     return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if use_bf16 else "no")
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+_OTHER_ALLOCATOR = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+@lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a training step frees, to serve the next step's tensors,
+    instead of handing it back to the kernel and faulting it in again, zeroed, page by page.
+
+    A forward pass with gradients keeps every layer's activations alive until the backward pass frees
+    them. glibc serves each tensor over its mmap threshold (at most 32 MB; a 384 x 49152 logits
+    tensor is 75 MB) with its own mmap and returns it with munmap when freed, and trims the top of its
+    heap, so every step maps and zeroes the same memory anew: at the demo's PPO shape (8 rows x about
+    90 tokens on the embedded model, on a 2-core CPU) about 95 thousand page faults, 0.35 s of kernel
+    time, per update. With mmap off for allocations (M_MMAP_MAX 0) and trimming only past 2 GB
+    (M_TRIM_THRESHOLD), the second step on faults in almost nothing, and the update ran 15-30% faster
+    in the runs measured. The cost: the process keeps its peak heap (about 5% more resident memory at
+    that shape). PyTorch's CPU launcher (torch.backends.xeon.run_cpu) does the same with jemalloc set
+    never to return memory. The mallopt settings last for the whole process; memory already mapped is
+    untouched. Nothing is changed where the allocator is not glibc's, where another allocator is
+    preloaded, or where the environment already sets malloc's parameters (MALLOC_* or
+    GLIBC_TUNABLES with glibc.malloc). Returns whether the settings were applied."""
+    if any(k.startswith("MALLOC_") for k in os.environ) or \
+            "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or \
+            any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATOR):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: other C libraries' malloc has no such parameters
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def load_trainable(cfg: TrainSettings, device):

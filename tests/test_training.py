@@ -1,0 +1,51 @@
+"""training.py's process-level setting: the allocator keeps freed memory (keep_freed_memory)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# Run in a child: the setting lasts for the whole process, and the child's environment is under control.
+CHILD = textwrap.dedent("""
+    import json, resource
+    import torch
+    from alignkit.training import keep_freed_memory
+
+    def faults_of_a_second_allocation(n=64 << 20):  # 64 MB: over glibc's largest mmap threshold (32 MB)
+        x = torch.empty(n // 4); x.fill_(1.0); del x
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        y = torch.empty(n // 4); y.fill_(1.0); del y
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    default = faults_of_a_second_allocation()
+    applied = keep_freed_memory()
+    faults_of_a_second_allocation()  # the first one after the setting grows the heap
+    print(json.dumps({"default": default, "applied": applied, "kept": faults_of_a_second_allocation()}))
+""")
+
+
+def run_child(**env):
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    out = subprocess.run([sys.executable, "-c", CHILD], env={**clean, **env}, capture_output=True, text=True,
+                         check=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc parameters")
+def test_freed_memory_is_reused_without_page_faults():
+    got = run_child()
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert got["applied"] is True
+    assert got["default"] > pages // 2  # glibc maps and faults in the 64 MB anew every time
+    assert got["kept"] < pages // 20  # kept: the second allocation reuses pages already faulted in
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc parameters")
+def test_the_users_own_malloc_settings_are_left_alone():
+    got = run_child(MALLOC_ARENA_MAX="2")
+    assert got["applied"] is False
+    assert got["kept"] > (64 << 20) // os.sysconf("SC_PAGE_SIZE") // 2  # nothing changed
