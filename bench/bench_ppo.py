@@ -34,7 +34,9 @@ loss with beta 0.05, one iteration, token-level loss). TRL's PPO keeps a separat
 same LoRA), so it runs one more backbone per forward pass than alignkit, whose value head shares the
 policy's backbone.
 
-Step 1 of each run is warm-up and left out. Peak memory is the child process's peak resident set
+Step 1 of each run is warm-up and left out. With --rounds N every figure is the median over the rounds,
+and each round's ratio of completion tokens/s is printed as well: a round runs the sides back to back,
+so its ratio shares that round's load. Peak memory is the child process's peak resident set
 (ru_maxrss), model loading included. Every side gets the same OMP_NUM_THREADS and, unless set
 otherwise, OMP_WAIT_POLICY=PASSIVE (see run_side; --omp-wait-policy default leaves OpenMP's own
 default, what a user's run gets: on a quiet machine that is the fairer figure, since passive waiting
