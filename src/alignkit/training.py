@@ -48,9 +48,9 @@ def keep_freed_memory() -> bool:
     heap, so every step maps and zeroes the same memory anew: at the demo's PPO shape (8 rows x about
     90 tokens on the embedded model, on a 2-core CPU) about 95 thousand page faults, 0.35 s of kernel
     time, per update. With mmap off for allocations (M_MMAP_MAX 0) and trimming only past 2 GB
-    (M_TRIM_THRESHOLD), the second step on faults in almost nothing, and the update ran 15-30% faster
-    in the runs measured. The cost: the process keeps its peak heap (about 5% more resident memory at
-    that shape). PyTorch's CPU launcher (torch.backends.xeon.run_cpu) does the same with jemalloc set
+    (M_TRIM_THRESHOLD), the second step on faults in almost nothing: the update ran 5-40% faster in
+    three pairs of runs, and 19% faster in a benchmark run of whole steps (bench/bench_ppo.py). The
+    cost: the process keeps its peak heap (2-5% more resident memory at that shape). PyTorch's CPU launcher (torch.backends.xeon.run_cpu) does the same with jemalloc set
     never to return memory. The mallopt settings last for the whole process; memory already mapped is
     untouched. Nothing is changed where the allocator is not glibc's, where another allocator is
     preloaded, or where the environment already sets malloc's parameters (MALLOC_* or
