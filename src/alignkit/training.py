@@ -48,7 +48,9 @@ def keep_freed_memory() -> bool:
     heap, so every step maps and zeroes the same memory anew: at the demo's PPO shape (8 rows x about
     90 tokens on the embedded model, on a 2-core CPU) about 95 thousand page faults, 0.35 s of kernel
     time, per update. With mmap off for allocations (M_MMAP_MAX 0) and trimming only past 2 GB
-    (M_TRIM_THRESHOLD), the second step on faults in almost nothing: the update ran 5-40% faster in
+    (M_TRIM_THRESHOLD), the heap grows over the first steps and then serves them from memory already
+    faulted in (0-18 thousand faults per update; a 64 MB tensor is reused from its fifth allocation
+    on, the earlier freed blocks being a little short of the next aligned request): the update ran 5-40% faster in
     three pairs of runs, and 19% faster in a benchmark run of whole steps (bench/bench_ppo.py). The
     cost: the process keeps its peak heap (2-5% more resident memory at that shape). PyTorch's CPU launcher (torch.backends.xeon.run_cpu) does the same with jemalloc set
     never to return memory. The mallopt settings last for the whole process; memory already mapped is
