@@ -50,9 +50,10 @@ def keep_freed_memory() -> bool:
     time, per update. With mmap off for allocations (M_MMAP_MAX 0) and trimming only past 2 GB
     (M_TRIM_THRESHOLD), the heap grows over the first steps and then serves them from memory already
     faulted in (0-18 thousand faults per update; a 64 MB tensor is reused from its fifth allocation
-    on, the earlier freed blocks being a little short of the next aligned request): the update ran 5-40% faster in
-    three pairs of runs, and 19% faster in a benchmark run of whole steps (bench/bench_ppo.py). The
-    cost: the process keeps its peak heap (2-5% more resident memory at that shape). PyTorch's CPU launcher (torch.backends.xeon.run_cpu) does the same with jemalloc set
+    on, the earlier freed blocks being a little short of the next aligned request): the update ran
+    5-40% faster in three pairs of runs, and whole steps 1.21x faster in a benchmark run
+    (bench/bench_ppo.py). The cost: the process keeps its peak heap (2-5% more resident memory at
+    that shape). PyTorch's CPU launcher (torch.backends.xeon.run_cpu) does the same with jemalloc set
     never to return memory. The mallopt settings last for the whole process; memory already mapped is
     untouched. Nothing is changed where the allocator is not glibc's, where another allocator is
     preloaded, or where the environment already sets malloc's parameters (MALLOC_* or
