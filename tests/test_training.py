@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -36,7 +37,10 @@ def run_child(**env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc parameters")
+GLIBC = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc parameters")
+
+
+@GLIBC
 def test_freed_memory_is_reused_without_page_faults():
     got = run_child()
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
@@ -45,7 +49,7 @@ def test_freed_memory_is_reused_without_page_faults():
     assert all(f < pages // 20 for f in got["kept"][-4:])  # kept: reused, no page faulted in again
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc parameters")
+@GLIBC
 def test_the_users_own_malloc_settings_are_left_alone():
     got = run_child(MALLOC_ARENA_MAX="2")
     assert got["applied"] is False
